@@ -1,0 +1,153 @@
+"""Settings, loaded once into one typed object.
+
+Precedence, lowest first: the defaults below < a TOML file (``--config``) < ``HUST19_*``
+environment variables < command-line flags. Every field's description is the documentation
+(``deploy/hust19.example.toml`` is generated from it).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from schemas.errors import ConfigError
+
+ENV_PREFIX = "HUST19_"
+
+
+class PacsDestination(BaseModel):
+    """A DICOM Storage SCP that receives the SRs, written ``HOST:PORT:AET``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    ae_title: str = Field(min_length=1, max_length=16)
+
+    @classmethod
+    def parse(cls, text: str) -> PacsDestination:
+        """Parse ``HOST:PORT:AET``; raises :class:`ConfigError` naming the text."""
+        parts = text.rsplit(":", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            raise ConfigError(f"PACS destination {text!r} is not HOST:PORT:AET")
+        try:
+            return cls(host=parts[0], port=int(parts[1]), ae_title=parts[2])
+        except ValidationError as exc:
+            raise ConfigError(f"PACS destination {text!r}: {exc.errors()[0]['msg']}") from exc
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}:{self.ae_title}"
+
+
+class Settings(BaseModel):
+    """Everything the agent can be told. Field names are the TOML keys; the env var is
+    ``HUST19_`` + the upper-cased name; the flag is ``--`` + the name with dashes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Storage
+    data_dir: Path = Field(Path("hust19-data"), description="Where the spool, the quarantine, "
+                           "the embedded bus, the SR outbox and the default SQLite LIS live.")
+    # DICOM listener
+    host: str = Field("0.0.0.0", description="Address the DICOM listener binds to.")  # noqa: S104
+    port: int = Field(11112, ge=1, le=65535, description="DICOM listener port.")
+    ae_title: str = Field("HUST19", min_length=1, max_length=16,
+                          description="The agent's own AE title (Called AE).")
+    allow_ae: list[str] = Field(default_factory=list, description="Calling AE titles allowed to "
+                                "send; empty accepts any AE (logged as a warning at start).")
+    tls_cert: Path | None = Field(None, description="PEM certificate: enables TLS for DICOM.")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    tls_ca: Path | None = Field(None, description="PEM CA bundle: when set, clients must present "
+                                "a certificate signed by it.")
+    series_quiet_s: float = Field(3.0, gt=0, description="A series is complete when quiet this "
+                                  "long after its association was released.")
+    series_max_quiet_s: float = Field(60.0, gt=0, description="A series is complete when quiet "
+                                      "this long, association or not.")
+    # Bus
+    bus: str = Field("embedded", description="'embedded' (durable, one box) or "
+                     "'kafka://host:port[,host:port...]'.")
+    kafka_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="Compression of produced Kafka messages (DICOM is often compressed "
+        "already).")
+    consumer_group: str = Field("hust19-worker", description="Kafka consumer group of workers.")
+    # Worker
+    lis: str | None = Field(None, description="SQLAlchemy URL of the LIS; default: SQLite file "
+                            "lis.sqlite in data_dir.")
+    lis_window_days: float = Field(7.0, ge=0, description="Lab results are taken from this many "
+                                   "days before and after the study date.")
+    lis_retry_s: float = Field(0.0, ge=0, description="If > 0, retry a failed or empty LIS "
+                               "lookup after this many seconds and re-issue the result.")
+    pacs: list[PacsDestination] = Field(default_factory=list, description="Where SRs are sent, "
+                                        "HOST:PORT:AET, repeatable.")
+    threshold: Literal["general", "sensitive"] = Field("general", description="Which decision "
+                                                        "threshold sets the flag.")
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+        "auto", description="Inference backend; auto = TensorRT when a GPU is usable.")
+    engine_cache: Path | None = Field(None, description="TensorRT engine cache; default "
+                                      "data_dir/engines.")
+    # Operations
+    http_port: int = Field(0, ge=0, le=65535, description="Port of /healthz, /readyz and "
+                           "/metrics; 0 disables the HTTP endpoint.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO",
+                                                                    description="Log level.")
+    log_json: bool = Field(False, description="Write logs as JSON lines.")
+
+    @field_validator("pacs", mode="before")
+    @classmethod
+    def _parse_pacs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if isinstance(value, list):
+            return [PacsDestination.parse(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("allow_ae", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @property
+    def lis_url(self) -> str:
+        """The LIS URL in force (the SQLite default resolved)."""
+        return self.lis or f"sqlite:///{(self.data_dir / 'lis.sqlite').resolve()}"
+
+    @property
+    def engine_cache_dir(self) -> Path:
+        return self.engine_cache or self.data_dir / "engines"
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            out[name] = environ[key]
+    return out
+
+
+def load_settings(config: Path | None = None, overrides: dict[str, Any] | None = None,
+                  environ: dict[str, str] | None = None) -> Settings:
+    """Build the settings: defaults < TOML file < ``HUST19_*`` env < ``overrides`` (CLI flags,
+    ``None`` values ignored). Raises :class:`ConfigError` naming the file or variable."""
+    merged: dict[str, Any] = {}
+    if config is not None:
+        try:
+            data = tomllib.loads(config.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {config}: {exc}") from exc
+        merged.update(data.get("hust19", data))
+    merged.update(_from_env(dict(os.environ) if environ is None else environ))
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None and v != []})
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"setting {where!r}: {first['msg']} (got {first.get('input')!r})") \
+            from exc
