@@ -1,0 +1,18 @@
+"""``hust19 train {slice,patient,cf,fusion}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.commands._targets import register_targets
+
+TARGETS = {
+    "slice": "engines.training.slice",
+    "patient": "engines.training.patient",
+    "cf": "engines.training.cf",
+    "fusion": "engines.training.fusion",
+}
+
+
+def register(sub: Any) -> None:
+    register_targets(sub, "train", "train a HUST-19 model (needs the 'train' extra)", TARGETS)
