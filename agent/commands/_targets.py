@@ -18,7 +18,12 @@ def register_targets(sub: Any, name: str, help_text: str, targets: dict[str, Any
         if isinstance(spec, dict):
             register_targets(inner, target, f"{help_text}: {target}", spec)
             continue
-        module = importlib.import_module(spec)
+        try:
+            module = importlib.import_module(spec)
+        except ModuleNotFoundError as exc:
+            if exc.name == spec:  # target not built in this version
+                continue
+            raise
         p = inner.add_parser(target, help=(module.__doc__ or "").strip().splitlines()[0])
         module.configure(p)
         p.set_defaults(func=_runner(module))
