@@ -1,0 +1,8 @@
+"""Root conftest: the fixtures that start real peers live in ``tests/fixtures``."""
+
+pytest_plugins = [
+    "tests.fixtures.paths",
+    "tests.fixtures.kafka",
+    "tests.fixtures.dicom",
+    "tests.fixtures.databases",
+]
