@@ -114,3 +114,22 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+@dataclass(frozen=True)
+class LabValue:
+    """One measured value as a LIS reports it, already mapped onto a catalogue code.
+
+    ``value`` is the number (for a censored result such as "<0.13" the bound, with
+    ``qualifier`` "<" or ">"); ``low``/``high`` the reference range printed with this result
+    (hospital-specific; ``None`` where none was printed) in ``unit``.
+    """
+
+    code: str
+    value: float | None
+    unit: str | None = None
+    qualifier: str = ""
+    low: float | None = None
+    high: float | None = None
+    lis_code: str | None = None
+    collected_at: str | None = None
