@@ -13,13 +13,15 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from schemas.errors import BackendUnavailable, EngineError
 
 log = logging.getLogger(__name__)
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 
 BackendName = Literal["auto", "onnxruntime", "tensorrt"]
 
@@ -87,11 +89,10 @@ class OnnxRuntimeBackend(InferenceBackend):
         self.model_path = model_path
 
     @staticmethod
-    def _spec(arg: object) -> TensorSpec:
-        shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)  # type: ignore[attr-defined]
-        dtype = {"tensor(float)": "float32", "tensor(float16)": "float16",
-                 "tensor(int64)": "int64"}.get(arg.type, arg.type)  # type: ignore[attr-defined]
-        return TensorSpec(arg.name, shape, dtype)  # type: ignore[attr-defined]
+    def _spec(arg: Any) -> TensorSpec:
+        shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
+        dtype = _ORT_DTYPES.get(arg.type, str(arg.type))
+        return TensorSpec(str(arg.name), shape, dtype)
 
     @property
     def inputs(self) -> list[TensorSpec]:
