@@ -8,14 +8,14 @@ new version; readers accept every version they know.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-INSTANCE_SCHEMA = "hust19.dicom.instance/1"
-SERIES_SCHEMA = "hust19.dicom.series/1"
-RESULT_SCHEMA = "hust19.triage.result/1"
-DLQ_SCHEMA = "hust19.triage.dlq/1"
+INSTANCE_SCHEMA: Final = "hust19.dicom.instance/1"
+SERIES_SCHEMA: Final = "hust19.dicom.series/1"
+RESULT_SCHEMA: Final = "hust19.triage.result/1"
+DLQ_SCHEMA: Final = "hust19.triage.dlq/1"
 
 Flag = Literal["control", "type1", "type2"]
 Threshold = Literal["general", "sensitive"]
