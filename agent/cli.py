@@ -22,7 +22,7 @@ EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130
 
 COMMAND_MODULES: Final = ("serve", "ingest", "worker", "bus", "lis", "train", "evaluate",
-                          "predict", "doctor", "engines", "demo")
+                          "predict", "doctor", "engines", "demo", "config")
 
 
 class JsonFormatter(logging.Formatter):
