@@ -1,0 +1,338 @@
+"""The Kafka bus: Apache Kafka (or any Kafka-protocol broker) through kafka-python.
+
+Producer: ``acks="all"``, idempotent, keyed (the default partitioner hashes the key, so one
+series stays on one partition and in order), ``compression_type`` from the settings,
+``max_request_size`` :data:`MAX_MESSAGE_BYTES` (64 MiB: an enhanced multi-frame CT instance can
+be tens of MB; the brokers' ``message.max.bytes`` / topics' ``max.message.bytes`` and
+``replica.fetch.max.bytes`` must be raised to match, see ``docs/readme/bus.md``) and unlimited
+retries within ``delivery_timeout_ms``. :meth:`KafkaProducerAdapter.flush` waits for every
+acknowledgement and raises :class:`BusError` if any send failed.
+
+Consumer: ``enable_auto_commit=False``, ``auto_offset_reset="earliest"``; offsets are committed
+only by :meth:`KafkaConsumerAdapter.commit` (after the work is done: at-least-once). With group
+``None`` the consumer assigns itself every partition of the topics and reads from the beginning
+(the ``bus dump`` mode).
+
+Client settings. Apache Kafka's defaults are used in production. Any kafka-python setting may be
+passed as a keyword argument (``KafkaBus(servers, session_timeout_ms=6000)``); it goes to every
+client (producer, consumer, admin) that knows it. The group timeouts can also be set by
+environment variable: ``HUST19_KAFKA_SESSION_TIMEOUT_MS``, ``HUST19_KAFKA_HEARTBEAT_INTERVAL_MS``,
+``HUST19_KAFKA_MAX_POLL_INTERVAL_MS``, ``HUST19_KAFKA_REQUEST_TIMEOUT_MS`` (keyword arguments win).
+Topic creation uses ``HUST19_KAFKA_PARTITIONS`` (default :data:`DEFAULT_PARTITIONS`) and
+``HUST19_KAFKA_REPLICATION_FACTOR`` (default ``-1``: the broker's default).
+
+Every ``kafka.errors`` exception is translated into :class:`schemas.errors.BusError` here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Final
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.record import util as record_util
+from kafka.structs import OffsetAndMetadata
+
+from agent.bus import Bus, Consumer, Headers, Message, Producer
+from schemas.errors import BusError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+"""Largest produced request / fetched partition batch (64 MiB)."""
+
+DEFAULT_PARTITIONS: Final = 6
+"""Partitions of a topic created by :meth:`KafkaBus.ensure_topics` (the unit of worker
+parallelism: more workers than partitions sit idle)."""
+
+BROKER_DEFAULT: Final = -1
+"""``replication_factor`` / ``num_partitions`` value meaning "the broker's default"."""
+
+COMPRESSIONS: Final = ("none", "gzip", "snappy", "lz4", "zstd")
+
+ENV_PREFIX: Final = "HUST19_KAFKA_"
+ENV_CLIENT_SETTINGS: Final = ("session_timeout_ms", "heartbeat_interval_ms",
+                              "max_poll_interval_ms", "request_timeout_ms")
+"""Client settings that may come from ``HUST19_KAFKA_<NAME>`` (integers, milliseconds)."""
+
+_PRODUCER_KEYS: Final = frozenset(KafkaProducer.DEFAULT_CONFIG)
+_CONSUMER_KEYS: Final = frozenset(KafkaConsumer.DEFAULT_CONFIG)
+_ADMIN_KEYS: Final = frozenset(KafkaAdminClient.DEFAULT_CONFIG)
+_OWN_KEYS: Final = frozenset({"bootstrap_servers", "group_id", "enable_auto_commit",
+                              "key_serializer", "value_serializer", "key_deserializer",
+                              "value_deserializer"})
+
+
+def crc32c_is_native() -> bool:
+    """Whether kafka-python computes record CRC-32C with the C ``crc32c`` package (it falls
+    back to a slow pure-Python loop when that package is missing)."""
+    return bool(getattr(record_util, "crc32c_c", None) is not None
+                and record_util._crc32c is record_util.crc32c_c)
+
+
+@contextlib.contextmanager
+def _translate(what: str) -> Iterator[None]:
+    """Turn kafka-python's exceptions (and socket errors) into :class:`BusError`."""
+    try:
+        yield
+    except BusError:
+        raise
+    except KafkaError as exc:
+        text = str(exc)
+        name = type(exc).__name__
+        raise BusError(f"Kafka: {what}: {text if text.startswith(name) else f'{name}: {text}'}") \
+            from exc
+    except (OSError, ValueError, AssertionError) as exc:
+        raise BusError(f"Kafka: {what}: {exc}") from exc
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name in ENV_CLIENT_SETTINGS:
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is None or raw == "":
+            continue
+        try:
+            out[name] = int(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not an integer") from exc
+    return out
+
+
+def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(ENV_PREFIX + name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{ENV_PREFIX}{name}={raw!r} is not an integer") from exc
+
+
+class KafkaBus(Bus):
+    """Kafka through kafka-python; see the module docstring for the settings used."""
+
+    def __init__(self, servers: list[str], compression: str = "none",
+                 environ: Mapping[str, str] | None = None, **client_overrides: Any) -> None:
+        if not servers:
+            raise ConfigError("Kafka bus: no bootstrap server given")
+        if compression not in COMPRESSIONS:
+            raise ConfigError(f"Kafka compression {compression!r}: expected one of "
+                              f"{', '.join(COMPRESSIONS)}")
+        env = os.environ if environ is None else environ
+        overrides: dict[str, Any] = {**_env_overrides(env), **client_overrides}
+        unknown = set(overrides) - (_PRODUCER_KEYS | _CONSUMER_KEYS | _ADMIN_KEYS)
+        forbidden = set(overrides) & _OWN_KEYS
+        if unknown or forbidden:
+            raise ConfigError(f"Kafka bus: unusable client settings "
+                              f"{sorted(unknown | forbidden)}")
+        self.servers = list(servers)
+        self.compression = compression
+        self.partitions = _env_int(env, "PARTITIONS", DEFAULT_PARTITIONS)
+        self.replication_factor = _env_int(env, "REPLICATION_FACTOR", BROKER_DEFAULT)
+        self._overrides = overrides
+        self._admin: KafkaAdminClient | None = None
+        self._lock = threading.Lock()
+        if not crc32c_is_native():
+            logger.warning("kafka-python computes CRC-32C in pure Python (slow): install the "
+                           "'crc32c' package")
+
+    # -- client configuration --------------------------------------------------------------
+    def _config(self, keys: frozenset[str], base: dict[str, Any]) -> dict[str, Any]:
+        cfg = {"bootstrap_servers": self.servers, **base}
+        cfg.update({k: v for k, v in self._overrides.items() if k in keys})
+        return cfg
+
+    def producer_config(self) -> dict[str, Any]:
+        """The keyword arguments given to ``KafkaProducer``."""
+        return self._config(_PRODUCER_KEYS, {
+            "acks": "all",
+            "enable_idempotence": True,
+            "compression_type": None if self.compression == "none" else self.compression,
+            "max_request_size": MAX_MESSAGE_BYTES,
+            "linger_ms": 5,
+        })
+
+    def consumer_config(self, group_id: str | None) -> dict[str, Any]:
+        """The keyword arguments given to ``KafkaConsumer``."""
+        return self._config(_CONSUMER_KEYS, {
+            "group_id": group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "max_partition_fetch_bytes": MAX_MESSAGE_BYTES,
+            "fetch_max_bytes": MAX_MESSAGE_BYTES,
+        })
+
+    def _admin_client(self, timeout_s: float | None = None) -> KafkaAdminClient:
+        with self._lock:
+            if self._admin is None:
+                base: dict[str, Any] = {}
+                if timeout_s is not None:
+                    base["bootstrap_timeout_ms"] = int(timeout_s * 1000)
+                with _translate(f"cannot reach the brokers {','.join(self.servers)}"):
+                    self._admin = KafkaAdminClient(**self._config(_ADMIN_KEYS, base))
+            return self._admin
+
+    # -- Bus -------------------------------------------------------------------------------
+    def producer(self) -> KafkaProducerAdapter:
+        with _translate(f"cannot create a producer for {','.join(self.servers)}"):
+            return KafkaProducerAdapter(KafkaProducer(**self.producer_config()))
+
+    def consumer(self, group_id: str | None, topics: Sequence[str]) -> KafkaConsumerAdapter:
+        if not topics:
+            raise BusError("a consumer needs at least one topic")
+        with _translate(f"cannot create a consumer for {','.join(self.servers)}"):
+            consumer = KafkaConsumer(**self.consumer_config(group_id))
+        try:
+            with _translate(f"cannot subscribe to {', '.join(topics)}"):
+                if group_id is not None:
+                    consumer.subscribe(list(topics))
+                else:
+                    parts = [TopicPartition(t, p) for t in topics
+                             for p in sorted(self._partitions(t))]
+                    consumer.assign(parts)
+                    consumer.seek_to_beginning(*parts)
+        except BusError:
+            consumer.close()
+            raise
+        return KafkaConsumerAdapter(consumer, group_id)
+
+    def _partitions(self, topic: str) -> list[int]:
+        described = self.describe_topic(topic)
+        if described is None:
+            raise BusError(f"Kafka: topic {topic} does not exist")
+        return described
+
+    def describe_topic(self, topic: str) -> list[int] | None:
+        """The partition ids of ``topic``, or ``None`` if the brokers do not know it."""
+        admin = self._admin_client()
+        with _translate(f"cannot describe topic {topic}"):
+            if topic not in admin.list_topics():
+                return None
+            for t in admin.describe_topics([topic]):
+                if t["name"] == topic:
+                    return [int(p["partition_index"]) for p in t["partitions"]]
+        return None
+
+    def topic_exists(self, topic: str) -> bool:
+        """Whether the brokers know ``topic``."""
+        return self.describe_topic(topic) is not None
+
+    def ensure_topics(self, topics: Sequence[str], num_partitions: int | None = None) -> None:
+        """Create the missing topics (``num_partitions`` default: ``self.partitions``)."""
+        admin = self._admin_client()
+        with _translate("cannot list topics"):
+            existing = set(admin.list_topics())
+        for topic in topics:
+            if topic in existing:
+                continue
+            spec = {topic: {"num_partitions": num_partitions or self.partitions,
+                            "replication_factor": self.replication_factor}}
+            try:
+                with _translate(f"cannot create topic {topic}"):
+                    admin.create_topics(spec, wait_for_metadata=True)
+                logger.info("Kafka: created topic %s (%d partitions)", topic,
+                            num_partitions or self.partitions)
+            except BusError as exc:
+                if isinstance(exc.__cause__, TopicAlreadyExistsError):
+                    continue
+                raise
+
+    def ping(self, timeout_s: float = 5.0) -> None:
+        """A metadata request to the brokers; ``BusError`` if none answers."""
+        admin = self._admin_client(timeout_s)
+        with _translate(f"brokers {','.join(self.servers)} do not answer"):
+            admin.list_topics()
+
+    def describe(self) -> str:
+        return (f"Kafka at {','.join(self.servers)} (acks=all, idempotent producer, "
+                f"compression {self.compression}, manual commits, at-least-once)")
+
+    def close(self) -> None:
+        with self._lock:
+            admin, self._admin = self._admin, None
+        if admin is not None:
+            with contextlib.suppress(KafkaError, OSError):
+                admin.close()
+
+
+class KafkaProducerAdapter(Producer):
+    """A ``KafkaProducer`` that remembers its pending sends so that :meth:`flush` can report
+    any that failed."""
+
+    def __init__(self, producer: KafkaProducer) -> None:
+        self._producer = producer
+        self._pending: list[Any] = []
+        self._lock = threading.Lock()
+
+    def send(self, topic: str, key: bytes | None, value: bytes,
+             headers: Headers | None = None) -> None:
+        with _translate(f"cannot send to topic {topic}"):
+            future = self._producer.send(topic, key=key, value=value,
+                                         headers=list(headers or []))
+        with self._lock:
+            self._pending.append(future)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        with _translate(f"flush did not finish within {timeout_s} s"):
+            self._producer.flush(timeout=timeout_s)
+        failed = [f for f in pending if not f.is_done or f.failed()]
+        if failed:
+            first = failed[0]
+            cause = first.exception if first.is_done else None
+            err = BusError(f"Kafka: {len(failed)} of {len(pending)} messages were not "
+                           f"acknowledged: {type(cause).__name__}: {cause}")
+            if isinstance(cause, BaseException):
+                raise err from cause
+            raise err
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            with contextlib.suppress(KafkaError, OSError):
+                self._producer.close()
+
+
+class KafkaConsumerAdapter(Consumer):
+    """A ``KafkaConsumer`` returning :class:`agent.bus.Message` objects."""
+
+    def __init__(self, consumer: KafkaConsumer, group_id: str | None) -> None:
+        self._consumer = consumer
+        self.group_id = group_id
+
+    def poll(self, timeout_s: float = 1.0, max_records: int = 100) -> list[Message]:
+        with _translate("poll failed"):
+            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000),
+                                          max_records=max_records)
+        out: list[Message] = []
+        for tp, records in batches.items():
+            for r in records:
+                headers: Headers = [(k, bytes(v or b"")) for k, v in (r.headers or [])]
+                out.append(Message(tp.topic, tp.partition, r.offset, r.key,
+                                   r.value if r.value is not None else b"", headers,
+                                   int(r.timestamp)))
+        return out
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        if self.group_id is None:
+            raise BusError("a consumer without a group cannot commit")
+        request = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                   for (t, p), o in offsets.items()}
+        with _translate(f"commit of {len(request)} offsets for group {self.group_id} failed"):
+            self._consumer.commit(request)
+
+    def assignment(self) -> set[tuple[str, int]]:
+        with _translate("assignment"):
+            return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def close(self) -> None:
+        with contextlib.suppress(KafkaError, OSError):
+            self._consumer.close(autocommit=False)
