@@ -500,6 +500,14 @@ class EmbeddedConsumer(Consumer):
             raise BusError(f"topic {topic} is not assigned to this consumer")
         self._positions[topic] = max(0, offset)
 
+    def positions(self) -> dict[tuple[str, int], int]:
+        """The next offset this member will read on each owned topic."""
+        return {(t, PARTITION): pos for t, pos in self._positions.items()}
+
+    def end_offsets(self) -> dict[tuple[str, int], int]:
+        """The offset after the last complete record of each owned topic, now."""
+        return {(t, PARTITION): self._logs[t].refresh() for t in self._positions}
+
     def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         if self._group_dir is None:
             raise BusError("a consumer without a group cannot commit")

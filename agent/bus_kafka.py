@@ -329,6 +329,18 @@ class KafkaConsumerAdapter(Consumer):
         with _translate(f"commit of {len(request)} offsets for group {self.group_id} failed"):
             self._consumer.commit(request)
 
+    def positions(self) -> dict[tuple[str, int], int]:
+        """The next offset this member will read on each assigned partition."""
+        with _translate("positions"):
+            return {(tp.topic, tp.partition): int(self._consumer.position(tp))
+                    for tp in self._consumer.assignment()}
+
+    def end_offsets(self) -> dict[tuple[str, int], int]:
+        """The log-end offset of each assigned partition, now."""
+        with _translate("end offsets"):
+            ends = self._consumer.end_offsets(list(self._consumer.assignment()))
+            return {(tp.topic, tp.partition): int(o) for tp, o in ends.items()}
+
     def assignment(self) -> set[tuple[str, int]]:
         with _translate("assignment"):
             return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
