@@ -1,0 +1,170 @@
+"""``hust19 doctor``: checks each dependency of the agent and explains the result in plain
+words, for the person installing or on call.
+
+Each check returns a :class:`Finding`: ``ok``, ``warn`` (works, but worth knowing) or ``fail``
+(something needed is missing: the command exits non-zero).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Literal
+
+from agent.config import Settings
+from engines import MODELS_DIR
+from schemas.errors import Hust19Error
+
+Level = Literal["ok", "warn", "fail"]
+
+REQUIRED_PACKAGES = ("pydicom", "pynetdicom", "highdicom", "pylibjpeg", "kafka-python",
+                     "onnxruntime", "opencv-python-headless", "scikit-learn", "sqlalchemy",
+                     "numpy", "prometheus-client")
+OPTIONAL_PACKAGES = {"crc32c": "fast CRC-32C for Kafka (pure Python without it: ~20x slower)",
+                     "psycopg": "PostgreSQL LIS driver", "pymysql": "MariaDB/MySQL LIS driver",
+                     "tensorrt": "GPU inference", "pycuda": "GPU inference",
+                     "cupy-cuda12x": "GPU lung extraction"}
+MIN_FREE_SPOOL_BYTES = 5 * 1024**3
+MODEL_MANIFEST = "MANIFEST.json"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of the report."""
+
+    check: str
+    level: Level
+    message: str
+
+
+def _packages() -> list[Finding]:
+    out = []
+    missing = []
+    for name in REQUIRED_PACKAGES:
+        try:
+            version(name)
+        except PackageNotFoundError:
+            missing.append(name)
+    if missing:
+        out.append(Finding("python packages", "fail", "missing: " + ", ".join(missing)
+                           + " (reinstall the agent: pip install hust19-agent)"))
+    else:
+        out.append(Finding("python packages", "ok", f"{len(REQUIRED_PACKAGES)} required "
+                           "packages installed"))
+    absent = [f"{n} ({why})" for n, why in OPTIONAL_PACKAGES.items() if not _installed(n)]
+    if absent:
+        out.append(Finding("optional packages", "warn", "not installed: " + "; ".join(absent)))
+    return out
+
+
+def _installed(name: str) -> bool:
+    try:
+        version(name)
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def _backend(settings: Settings) -> Finding:
+    from engines.backends import tensorrt_usable
+
+    ok, why = tensorrt_usable()
+    if ok:
+        return Finding("gpu / backend", "ok", "GPU and TensorRT usable: backend "
+                       f"{'tensorrt' if settings.backend != 'onnxruntime' else 'onnxruntime'}")
+    if settings.backend == "tensorrt":
+        return Finding("gpu / backend", "warn", f"TensorRT requested but not usable ({why}); "
+                       "the agent will fall back to ONNX Runtime on the CPU")
+    return Finding("gpu / backend", "ok" if settings.backend == "onnxruntime" else "warn",
+                   f"backend onnxruntime (CPU); TensorRT not usable here: {why}")
+
+
+def _models() -> Finding:
+    from engines.backends import file_sha256
+
+    manifest_path = MODELS_DIR / MODEL_MANIFEST
+    if not manifest_path.is_file():
+        return Finding("model files", "fail", f"no {manifest_path}: the model files are missing")
+    manifest: dict[str, str] = json.loads(manifest_path.read_text())["files"]
+    bad = []
+    for name, digest in manifest.items():
+        path = MODELS_DIR / name
+        if not path.is_file():
+            bad.append(f"{name} missing")
+        elif file_sha256(path) != digest:
+            bad.append(f"{name} checksum differs")
+    if bad:
+        return Finding("model files", "fail", "; ".join(bad) + " (reinstall the agent)")
+    return Finding("model files", "ok", f"{len(manifest)} files match their SHA-256 checksums")
+
+
+def _bus(settings: Settings) -> Finding:
+    from agent.bus import open_bus
+
+    try:
+        bus = open_bus(settings.bus, settings.data_dir, compression=settings.kafka_compression)
+        try:
+            bus.ping()
+            return Finding("bus", "ok", bus.describe())
+        finally:
+            bus.close()
+    except Hust19Error as exc:
+        return Finding("bus", "fail", f"{settings.bus}: {exc.message}")
+
+
+def _lis(settings: Settings) -> Finding:
+    from agent.lis import LisClient
+
+    try:
+        client = LisClient(settings.lis_url, window_days=settings.lis_window_days)
+        client.ping()
+        coverage = client.coverage()
+    except Hust19Error as exc:
+        return Finding("lis", "fail", f"LIS not reachable: {exc.message} (triage will run "
+                       "CT-only until it is)")
+    return Finding("lis", "ok", f"LIS reachable; {coverage}")
+
+
+def _pacs(settings: Settings) -> list[Finding]:
+    from agent.pacs import echo
+
+    if not settings.pacs:
+        return [Finding("pacs", "warn", "no --pacs destination: SRs will not be sent anywhere")]
+    out = []
+    for dest in settings.pacs:
+        try:
+            echo(dest, settings.ae_title)
+            out.append(Finding(f"pacs {dest}", "ok", "C-ECHO answered Success"))
+        except Hust19Error as exc:
+            out.append(Finding(f"pacs {dest}", "fail", f"C-ECHO failed: {exc.message}"))
+    return out
+
+
+def _disk(settings: Settings) -> Finding:
+    path = settings.data_dir
+    probe = path if path.exists() else next((p for p in path.resolve().parents if p.exists()),
+                                            Path("/"))
+    free = shutil.disk_usage(probe).free
+    level: Level = "ok" if free >= MIN_FREE_SPOOL_BYTES else "fail"
+    return Finding("spool disk", level, f"{free / 1024**3:.1f} GiB free at {probe} (need "
+                   f">= {MIN_FREE_SPOOL_BYTES / 1024**3:.0f} GiB for the spool)")
+
+
+def run_checks(settings: Settings) -> list[Finding]:
+    """Every check, in the order a person would fix them."""
+    findings = _packages()
+    steps: list[Callable[[], Finding | list[Finding]]] = [
+        lambda: _backend(settings), _models, lambda: _bus(settings), lambda: _lis(settings),
+        lambda: _pacs(settings), lambda: _disk(settings)]
+    for step in steps:
+        try:
+            result = step()
+        except (ImportError, Hust19Error) as exc:
+            result = Finding(getattr(step, "__name__", "check"), "fail", str(exc))
+        findings.extend(result if isinstance(result, list) else [result])
+    return findings
+
