@@ -117,7 +117,7 @@ def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
 class KafkaBus(Bus):
     """Kafka through kafka-python; see the module docstring for the settings used."""
 
-    def __init__(self, servers: list[str], compression: str = "none",
+    def __init__(self, servers: list[str], compression: str = "none", *,
                  environ: Mapping[str, str] | None = None, **client_overrides: Any) -> None:
         if not servers:
             raise ConfigError("Kafka bus: no bootstrap server given")
