@@ -113,7 +113,7 @@ def test_check_inputs_follow_the_model_inputs(tmp_path: Path) -> None:
     sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
     x = check_inputs(sess, batch=3)
     assert x["image"].shape == (3, 1, 12, 12) and x["image"].dtype == np.float32
-    assert 0.0 <= float(x["image"].min()) and float(x["image"].max()) < 1.0
+    assert float(x["image"].min()) >= 0.0 and float(x["image"].max()) < 1.0
 
 
 @pytest.mark.slow
