@@ -333,7 +333,7 @@ class PacsSender:
         except (OSError, RuntimeError, ValueError) as exc:
             raise _AssociationFailed(f"cannot associate: {exc}") from exc
         if not assoc.is_established:
-            raise _AssociationFailed(self._why_not_established(assoc, heard))
+            raise _AssociationFailed(self._why_not_established(assoc, heard, abstract_syntaxes))
         try:
             yield assoc
         finally:
@@ -341,22 +341,27 @@ class PacsSender:
                 assoc.release()
 
     @staticmethod
-    def _why_not_established(assoc: Association, heard: list[Any]) -> str:
+    def _why_not_established(assoc: Association, heard: list[Any],
+                             abstract_syntaxes: list[str]) -> str:
         for primitive in heard:
             if isinstance(primitive, A_ASSOCIATE) and primitive.result not in (None, 0):
                 return (f"association rejected ({primitive.result_str}, source: "
                         f"{primitive.source_str}, reason: {primitive.reason_str})")
+            if isinstance(primitive, A_ASSOCIATE) and primitive.result == 0:
+                return (f"association accepted but none of the proposed presentation contexts "
+                        f"({', '.join(abstract_syntaxes)} in Explicit/Implicit VR Little "
+                        f"Endian): the destination does not store this SOP class")
             if isinstance(primitive, A_ABORT):
                 source = primitive.abort_source
                 name = AbortSource(source).name if source in (0, 1, 2) else source
                 return f"association aborted by the peer (A-ABORT, source {name})"
             if isinstance(primitive, A_P_ABORT):
                 return f"association aborted (A-P-ABORT, reason {primitive.provider_reason})"
+        if not heard:  # pynetdicom flags a failed TCP connect as aborted: say what it was
+            return "no connection (destination down, unreachable or not answering)"
         if assoc.is_rejected:
             return "association rejected"
-        if assoc.is_aborted:
-            return "association aborted"
-        return "no connection (destination down or unreachable)"
+        return "association aborted"
 
     def _send_to(self, dest: PacsDestination, deliveries: list[_Delivery]) -> tuple[int, int]:
         """One association with ``dest`` for ``deliveries``; returns (stored, failed)."""
