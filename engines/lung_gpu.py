@@ -17,7 +17,6 @@ synchronises it before the engine reads, so the TensorRT stream never races the 
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ def extract_series_gpu(images_u8: Any) -> GpuLungBatch:
 
     The upload (if the series is on the host) happens once, for the whole series."""
     cp = _cupy()
-    lung_xp = importlib.import_module("engines.lung_xp")
+    from engines import lung_xp
 
     images = cp.asarray(images_u8)
     if images.ndim != 3 or images.dtype != cp.uint8:
