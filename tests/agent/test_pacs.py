@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from highdicom.sr import srread
+from highdicom.sr import MeasurementReport, srread
 from pydicom import Dataset
 
 from agent.config import PacsDestination
@@ -141,7 +141,9 @@ def test_sr_arrives_and_reads_back(storescp: Callable[..., StoreScp], sr: Datase
     assert back.SOPInstanceUID == sr.SOPInstanceUID
     assert back.StudyInstanceUID == source.study_uid
     assert {e[1] for e in back.get_evidence()} == {source.series_uid}
-    (group,) = back.content.get_image_measurement_groups()
+    report = back.content
+    assert isinstance(report, MeasurementReport)  # TID 1500 recognised on read
+    (group,) = report.get_image_measurement_groups()
     (category,) = group.get_qualitative_evaluations(name=TRIAGE_CATEGORY)
     assert category.value == CATEGORY_CODES["type2"]
     assert pydicom.dcmread(arrived).ContentSequence == sr.ContentSequence

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from highdicom.sr import RelationshipTypeValues, srread
+from highdicom.sr import MeasurementReport, RelationshipTypeValues, srread
 from highdicom.sr.utils import find_content_items
 from pydicom import Dataset
 
@@ -142,12 +142,14 @@ def test_sr_reads_back_with_highdicom(normal_source: SrSource, tmp_path: Path) -
         (normal_source.study_uid, normal_source.series_uid, c, i)
         for c, i in normal_source.evidence]
 
-    (group,) = sr.content.get_image_measurement_groups()
+    report = sr.content
+    assert isinstance(report, MeasurementReport)  # TID 1500 recognised on read
+    (group,) = report.get_image_measurement_groups()
     (category,) = group.get_qualitative_evaluations(name=TRIAGE_CATEGORY)
     assert category.value == CATEGORY_CODES["type2"]
     (threshold,) = group.get_qualitative_evaluations(name=THRESHOLD)
     assert threshold.value == THRESHOLD_CODES["general"]
-    assert str(group.finding_type.value) == "840539006"
+    assert group.finding_type is not None and group.finding_type.value == "840539006"
     assert [img.referenced_sop_instance_uid for img in group.source_images] == \
         [uid for _, uid in normal_source.evidence]
     algorithm = {item.name.meaning: item.value for item in find_content_items(
@@ -159,6 +161,7 @@ def test_sr_reads_back_with_highdicom(normal_source: SrSource, tmp_path: Path) -
     got: dict[tuple[str, str], float] = {}
     for cls, name in PROBABILITY_CODES.items():
         for measurement in group.get_measurements(name=name):
+            assert measurement.method is not None
             got[(measurement.method.value, cls)] = float(measurement.value)
             assert measurement.unit.value == "{probability}"
     for modality in ("ct", "cf", "fused"):
