@@ -254,9 +254,14 @@ class _TopicLog:
 
     def append(self, frames: Sequence[tuple[bytes, bytes]]) -> None:
         """Append whole records, after making sure the file ends at a record boundary."""
-        with self.lock, self._file_lock():
-            self._scan(recover=True)
+        with self.lock:
+            self._check_open()
+            self._append_locked(frames)
+
+    def _append_locked(self, frames: Sequence[tuple[bytes, bytes]]) -> None:
+        with self._file_lock():
             try:
+                self._scan(recover=True)
                 for frame, body in frames:
                     _write_all(self.fd, (frame, body))
                     self.positions.append(self.end)
@@ -269,8 +274,18 @@ class _TopicLog:
     def refresh(self) -> int:
         """Index records other processes appended; return the number of records."""
         with self.lock:
-            self._scan(recover=False)
+            self._check_open()
+            try:
+                self._scan(recover=False)
+            except OSError as exc:
+                raise BusError(f"embedded bus: cannot read the log of topic {self.topic}: "
+                               f"{exc}") from exc
             return len(self.positions)
+
+    def _check_open(self) -> None:
+        # A closed descriptor number may be reused by another file: never touch it again.
+        if self.fd < 0:
+            raise BusError(f"embedded bus: topic {self.topic} is closed")
 
     def count(self) -> int:
         with self.lock:
@@ -279,10 +294,15 @@ class _TopicLog:
     def read(self, offset: int) -> Message:
         """The record at ``offset`` (which must be indexed), CRC-checked."""
         with self.lock:
+            self._check_open()
             pos = self.positions[offset]
-        frame = os.pread(self.fd, _FRAME.size, pos)
-        _magic, _version, length, crc = _FRAME.unpack(frame)
-        body = os.pread(self.fd, length, pos + _FRAME.size)
+            try:
+                frame = os.pread(self.fd, _FRAME.size, pos)
+                _magic, _version, length, crc = _FRAME.unpack(frame)
+                body = os.pread(self.fd, length, pos + _FRAME.size)
+            except OSError as exc:
+                raise BusError(f"embedded bus: read of topic {self.topic} record {offset} "
+                               f"failed: {exc}") from exc
         if len(body) != length or crc32c.crc32c(body) != crc:
             raise BusError(f"embedded bus: topic {self.topic} record {offset} at byte {pos} of "
                            f"{self.path} is corrupt (CRC-32C mismatch)")
@@ -294,14 +314,20 @@ class _TopicLog:
         return Message(self.topic, PARTITION, offset, key, value, headers, ts)
 
     def fsync(self) -> None:
+        with self.lock:
+            self._check_open()
+            fd = self.fd
         try:
-            os.fsync(self.fd)
+            os.fsync(fd)
         except OSError as exc:
             raise BusError(f"embedded bus: fsync of topic {self.topic} failed: {exc}") from exc
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        with self.lock:
+            fd, self.fd = self.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class EmbeddedBus(Bus):

@@ -53,6 +53,9 @@ parallelism: more workers than partitions sit idle)."""
 BROKER_DEFAULT: Final = -1
 """``replication_factor`` / ``num_partitions`` value meaning "the broker's default"."""
 
+CLOSE_TIMEOUT_S: Final = 10.0
+"""How long closing a producer waits for its pending messages to be acknowledged."""
+
 COMPRESSIONS: Final = ("none", "gzip", "snappy", "lz4", "zstd")
 
 ENV_PREFIX: Final = "HUST19_KAFKA_"
@@ -294,11 +297,18 @@ class KafkaProducerAdapter(Producer):
             raise err
 
     def close(self) -> None:
+        """Flush (for up to :data:`CLOSE_TIMEOUT_S`), then close; if the flush failed, the
+        undelivered messages are abandoned at once and the ``BusError`` is raised."""
         try:
-            self.flush()
-        finally:
-            with contextlib.suppress(KafkaError, OSError):
-                self._producer.close()
+            self.flush(CLOSE_TIMEOUT_S)
+        except BusError:
+            self._close_client(0.0)
+            raise
+        self._close_client(CLOSE_TIMEOUT_S)
+
+    def _close_client(self, timeout_s: float) -> None:
+        with contextlib.suppress(KafkaError, OSError):
+            self._producer.close(timeout=timeout_s)
 
 
 class KafkaConsumerAdapter(Consumer):

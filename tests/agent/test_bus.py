@@ -21,7 +21,7 @@ from agent.bus import Bus, Consumer, Message, open_bus
 from agent.bus_embedded import EmbeddedBus
 from agent.bus_kafka import KafkaBus, crc32c_is_native
 from schemas.errors import BusError
-from tests.fixtures.kafka import kafka_test_overrides
+from tests.fixtures.kafka import kafka_test_overrides, run_test_broker
 
 ONE_MB = 1024 * 1024
 BusFactory = tuple[str, Callable[[], Bus]]
@@ -238,6 +238,22 @@ def test_kafka_client_settings_from_env_and_kwargs() -> None:
     assert cfg["enable_auto_commit"] is False and cfg["auto_offset_reset"] == "earliest"
     assert "session_timeout_ms" not in bus.producer_config()
     assert bus.partitions == 2
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_kafka_flush_raises_bus_error_when_the_broker_is_gone() -> None:
+    with run_test_broker() as url:
+        bus = KafkaBus([url.removeprefix("kafka://")], **kafka_test_overrides())
+        producer = bus.producer()
+        producer.send("gone", b"k", b"acknowledged")
+        producer.flush()
+    producer.send("gone", b"k", b"never acknowledged")  # the broker has stopped
+    with pytest.raises(BusError, match="flush did not finish"):
+        producer.flush(timeout_s=2.0)
+    with pytest.raises(BusError):
+        producer.close()
+    bus.close()
 
 
 def test_kafka_unreachable_broker_is_a_bus_error() -> None:
