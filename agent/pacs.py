@@ -59,7 +59,7 @@ from pynetdicom.status import (
     code_to_category,
 )
 
-from agent.config import PacsDestination
+from agent.config import PacsDestination, Settings
 from agent.uids import is_valid_uid
 from schemas.errors import InputError
 
@@ -73,6 +73,8 @@ DEFAULT_RETRY_BASE_S: Final = 2.0
 DEFAULT_RETRY_MAX_S: Final = 300.0
 DEFAULT_POLL_S: Final = 5.0
 
+OUTBOX_SUBDIR: Final = "sr-outbox"
+"""The outbox folder under ``Settings.data_dir``."""
 OBJECTS_DIR: Final = "objects"
 PENDING_DIR: Final = "pending"
 TMP_DIR: Final = "tmp"
@@ -188,7 +190,8 @@ class PacsSender:
         self._retry_max_s = retry_max_s
         self._timeout_s = timeout_s
         self._poll_s = poll_s
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # outbox files and markers
+        self._send_lock = threading.Lock()  # one sending pass at a time
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -208,6 +211,14 @@ class PacsSender:
                                folder.name)
         if not self._destinations:
             logger.warning("no PACS destination configured: SRs are built but not sent")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, tls_context: ssl.SSLContext | None = None,
+                      **kwargs: Any) -> PacsSender:
+        """The sender the agent runs: ``settings.pacs`` destinations, outbox
+        ``data_dir/sr-outbox``, calling AE = the agent's own AE title."""
+        return cls(list(settings.pacs), settings.data_dir / OUTBOX_SUBDIR, settings.ae_title,
+                   tls_context=tls_context, **kwargs)
 
     # --- paths -----------------------------------------------------------------------------
     def _pending_dir(self, dest: PacsDestination) -> Path:
@@ -384,7 +395,7 @@ class PacsSender:
                         continue
                     try:
                         status = assoc.send_c_store(ds)
-                    except (ValueError, RuntimeError, AttributeError) as exc:
+                    except (ValueError, RuntimeError) as exc:  # no context for this class
                         logger.error("PACS %s refused SR %s (study %s), attempt %d: %s", dest,
                                      delivery.sop_instance_uid, delivery.study_uid, attempt, exc)
                         failed += 1
@@ -423,6 +434,10 @@ class PacsSender:
         """One pass over every destination with pending SRs (one association each); returns
         how many deliveries succeeded. With ``respect_backoff`` a destination still in its
         backoff is skipped (the background thread does this; tests call it without)."""
+        with self._send_lock:  # one pass at a time, whoever calls
+            return self._send_pass(respect_backoff)
+
+    def _send_pass(self, respect_backoff: bool) -> int:
         delivered = 0
         for dest in self._destinations:
             backoff = self._backoff[dest]

@@ -19,8 +19,8 @@ import pytest
 from highdicom.sr import MeasurementReport, srread
 from pydicom import Dataset
 
-from agent.config import PacsDestination
-from agent.pacs import OBJECTS_DIR, DimseStatus, PacsSender, status_meaning
+from agent.config import PacsDestination, load_settings
+from agent.pacs import OBJECTS_DIR, OUTBOX_SUBDIR, DimseStatus, PacsSender, status_meaning
 from agent.sr import CATEGORY_CODES, TRIAGE_CATEGORY, SrSource, build_sr
 from schemas.errors import InputError
 from tests.agent.test_sr import VERSION, dsrdump, make_result, source_from
@@ -266,3 +266,12 @@ def test_status_codes_are_named() -> None:
         "0xB000 Warning: Coercion of Data Elements"
     assert status_meaning(DimseStatus.REFUSED_NOT_AUTHORISED) == \
         "0x0124 Failure: Refused: Not Authorised"
+
+
+def test_from_settings_uses_the_data_dir_outbox(tmp_path: Path) -> None:
+    settings = load_settings(environ={}, overrides={
+        "data_dir": tmp_path, "pacs": ["127.0.0.1:11112:PACS", "pacs2:104:ARCHIVE"]})
+    sender = PacsSender.from_settings(settings)
+    assert (tmp_path / OUTBOX_SUBDIR / OBJECTS_DIR).is_dir()
+    assert sender.pending_count() == 0
+    assert len(list((tmp_path / OUTBOX_SUBDIR / "pending").iterdir())) == 2
