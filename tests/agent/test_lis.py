@@ -275,7 +275,7 @@ def test_bad_custom_query_is_a_lis_error(sqlite_url: str) -> None:
     mapping = LisMapping.from_dict({"query": "SELECT code, value FROM no_such_table "
                                              "WHERE mrn = :patient_id"})
     with LisClient(sqlite_url, mapping) as client, \
-            pytest.raises(LisError, match="lab lookup failed: .*no_such_table"):
+            pytest.raises(LisError, match=r"lab lookup failed: .*no_such_table"):
         client.lookup("1")
 
 
