@@ -57,6 +57,8 @@ DEFAULT_MAX_BATCH: Final = 64
 DEFAULT_OPT_BATCH: Final = 16
 DEFAULT_WORKSPACE_MB: Final = 1024
 MIN_BATCH: Final = 1
+#: First TensorRT major version in which every network is strongly typed.
+STRONG_TYPING_ONLY_MAJOR: Final = 11
 MIB: Final = 1 << 20
 #: ``__cuda_array_interface__`` stream values that need no explicit wait: no stream given, or
 #: the legacy default stream (pycuda's streams are blocking, so they already wait for it).
@@ -263,6 +265,32 @@ def _trt_logger(trt: Any) -> Any:
         return _TRT_LOGGER
 
 
+def _strongly_typed(trt: Any) -> bool:
+    """TensorRT 11+ builds strongly typed networks only (the creation flag is deprecated and
+    may disappear); 9.x/10.x do so when asked with ``STRONGLY_TYPED``."""
+    major = int(str(trt.__version__).split(".")[0])
+    return major >= STRONG_TYPING_ONLY_MAJOR or hasattr(trt.NetworkDefinitionCreationFlag,
+                                                        "STRONGLY_TYPED")
+
+
+_TRT_DTYPE_NAMES: Final = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32",
+                           "INT64": "int64", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+
+
+def _numpy_dtype(trt: Any, dtype: Any) -> str:
+    """NumPy dtype name of a ``trt.DataType`` (``trt.nptype`` where it exists)."""
+    nptype = getattr(trt, "nptype", None)
+    if nptype is not None:
+        try:
+            return np.dtype(nptype(dtype)).name
+        except TypeError:
+            pass
+    name = _TRT_DTYPE_NAMES.get(getattr(dtype, "name", str(dtype)).rsplit(".", 1)[-1])
+    if name is None:
+        raise BackendUnavailable(f"engine tensor type {dtype} has no NumPy equivalent")
+    return name
+
+
 # ----------------------------------------------------------------------------- the backend
 
 class TensorRTBackend(InferenceBackend):
@@ -306,7 +334,7 @@ class TensorRTBackend(InferenceBackend):
         device = self._ctx.get_device()
         self.gpu_name = str(device.name())
         cc = device.compute_capability()
-        strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+        strongly_typed = _strongly_typed(trt)
         if self.precision == "fp16" and strongly_typed:
             from engines.fp16 import ensure_fp16
 
@@ -346,7 +374,8 @@ class TensorRTBackend(InferenceBackend):
                  else f"built in {self.build_seconds:.1f} s")
 
     def _load_or_build(self, strongly_typed: bool) -> Any:
-        runtime = self._trt.Runtime(_trt_logger(self._trt))
+        # the runtime must outlive the engines it deserialized: kept on the instance
+        self._runtime = runtime = self._trt.Runtime(_trt_logger(self._trt))
         with self.cache.build_lock(self.key):
             plan = self.cache.load(self.key)
             if plan is not None:
@@ -370,8 +399,9 @@ class TensorRTBackend(InferenceBackend):
         started = time.monotonic()
         builder = trt.Builder(logger)
         flags = 0
-        if strongly_typed:
-            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        if strongly_typed and flag is not None:  # required on 10.x, ignored on 11.x
+            flags |= 1 << int(flag)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(self.onnx_path)):
@@ -409,7 +439,7 @@ class TensorRTBackend(InferenceBackend):
             specs.append(IoSpec(
                 name=name,
                 shape=tuple(int(d) for d in engine.get_tensor_shape(name)),
-                dtype=np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name,
+                dtype=_numpy_dtype(trt, engine.get_tensor_dtype(name)),
                 is_input=engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT))
         return specs
 
@@ -539,6 +569,7 @@ class TensorRTBackend(InferenceBackend):
             self._device = {}
             self._context = None
             self._engine = None
+            self._runtime = None
         finally:
             self._ctx.pop()
 

@@ -6,9 +6,12 @@ What needs a GPU (building, running, cache round trip, parity) is in test_gpu_pa
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -31,6 +34,7 @@ from schemas.errors import BackendUnavailable, EngineError
 from tests.engines.test_fp16 import tiny_model
 
 NO_GPU_STACK = trtb.probe()[0] is False
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -147,3 +151,34 @@ def test_bad_arguments_are_engine_errors(tiny: Path) -> None:
         TensorRTBackend(tiny, precision="int8")  # type: ignore[arg-type]
     with pytest.raises(EngineError, match="not found"):
         TensorRTBackend(tiny.parent / "missing.onnx")
+
+
+def test_strong_typing_decision_by_version() -> None:
+    """Version logic only (TensorRT cannot be imported here): 11+ is always strongly typed,
+    10.x when it has the creation flag."""
+    flags_with = SimpleNamespace(STRONGLY_TYPED=0)
+    flags_without = SimpleNamespace()
+    assert trtb._strongly_typed(SimpleNamespace(__version__="11.1.0.1",
+                                                NetworkDefinitionCreationFlag=flags_without))
+    assert trtb._strongly_typed(SimpleNamespace(__version__="10.13.3.9",
+                                                NetworkDefinitionCreationFlag=flags_with))
+    assert not trtb._strongly_typed(SimpleNamespace(__version__="8.6.1",
+                                                    NetworkDefinitionCreationFlag=flags_without))
+
+
+def test_numpy_dtype_without_nptype() -> None:
+    half = SimpleNamespace(name="HALF")
+    assert trtb._numpy_dtype(SimpleNamespace(), half) == "float16"
+    assert trtb._numpy_dtype(SimpleNamespace(nptype=lambda _: np.float32), half) == "float32"
+    with pytest.raises(BackendUnavailable):
+        trtb._numpy_dtype(SimpleNamespace(), SimpleNamespace(name="FP8"))
+
+
+@pytest.mark.skipif(not NO_GPU_STACK, reason="checks the no-GPU JSON error; this box has a GPU")
+def test_gpu_benchmark_reports_json_error_without_gpu() -> None:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "engines_gpu.py")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    report = json.loads(done.stdout)
+    assert "no TensorRT GPU backend here" in report["error"]
+    assert report["probe"]["devices"] == []
