@@ -92,6 +92,7 @@ class DimseStatus(IntEnum):
     WARNING_ELEMENTS_DISCARDED = 0xB006
     WARNING_DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
     PROCESSING_FAILURE = 0x0110
+    DUPLICATE_SOP_INSTANCE = 0x0111
     REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
     REFUSED_NOT_AUTHORISED = 0x0124
 
@@ -109,6 +110,14 @@ def status_meaning(code: int) -> str:
     category = code_to_category(code)
     meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, (category, "unknown status"))[1]
     return f"0x{code:04X} {category}: {meaning or category}"
+
+
+def is_delivered(code: int) -> bool:
+    """Whether a C-STORE status means the PACS holds the SR: Success, a Warning, or Duplicate
+    SOP Instance (some archives answer a resend that way; the UID is the same, so the SR is
+    there - but a *changed* SR under the same UID was not taken)."""
+    return (code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING)
+            or code == DimseStatus.DUPLICATE_SOP_INSTANCE)
 
 
 def destination_key(dest: PacsDestination) -> str:
@@ -405,8 +414,7 @@ class PacsSender:
                             f"no C-STORE response for SR {delivery.sop_instance_uid} (study "
                             f"{delivery.study_uid}): association aborted or timed out")
                     code = int(status.Status)
-                    category = code_to_category(code)
-                    if category in (STATUS_SUCCESS, STATUS_WARNING):
+                    if is_delivered(code):
                         self._mark_done(dest, delivery)
                         stored += 1
                         log = logger.info if code == DimseStatus.SUCCESS else logger.warning

@@ -20,7 +20,14 @@ from highdicom.sr import MeasurementReport, srread
 from pydicom import Dataset
 
 from agent.config import PacsDestination, load_settings
-from agent.pacs import OBJECTS_DIR, OUTBOX_SUBDIR, DimseStatus, PacsSender, status_meaning
+from agent.pacs import (
+    OBJECTS_DIR,
+    OUTBOX_SUBDIR,
+    DimseStatus,
+    PacsSender,
+    is_delivered,
+    status_meaning,
+)
 from agent.sr import CATEGORY_CODES, TRIAGE_CATEGORY, SrSource, build_sr
 from schemas.errors import InputError
 from tests.agent.test_sr import VERSION, dsrdump, make_result, source_from
@@ -266,6 +273,15 @@ def test_status_codes_are_named() -> None:
         "0xB000 Warning: Coercion of Data Elements"
     assert status_meaning(DimseStatus.REFUSED_NOT_AUTHORISED) == \
         "0x0124 Failure: Refused: Not Authorised"
+
+
+@pytest.mark.parametrize(("code", "delivered"), [
+    (DimseStatus.SUCCESS, True), (DimseStatus.WARNING_ELEMENTS_DISCARDED, True),
+    (DimseStatus.DUPLICATE_SOP_INSTANCE, True), (0xA700, False), (0xC000, False),
+    (DimseStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED, False), (DimseStatus.PROCESSING_FAILURE, False),
+])
+def test_which_statuses_count_as_delivered(code: int, delivered: bool) -> None:
+    assert is_delivered(code) is delivered
 
 
 def test_from_settings_uses_the_data_dir_outbox(tmp_path: Path) -> None:
