@@ -1,0 +1,562 @@
+"""The DICOM Storage SCP: receives CT instances over C-STORE and spools them durably.
+
+Protocol roles, cut as pynetdicom cuts them:
+
+* association setup (:meth:`StorageSCP.start`): the presentation contexts (CT Image Storage,
+  Enhanced CT Image Storage, Verification) with every transfer syntax the product accepts *as
+  received* (nothing is transcoded), the calling-AE allow-list (pynetdicom answers an unknown
+  AE with A-ASSOCIATE-RJ rejected-permanent / service-user / calling-AE-title-not-recognized,
+  and we log it), and optional TLS;
+* the storage handler (:meth:`StorageSCP._handle_store`): checks the dataset, writes the
+  Part-10 file (file meta + the dataset bytes exactly as they came off the wire) through
+  :class:`agent.spool.Spool` (fsync of file and directory, then the index) and only then answers
+  Success. Bad input is answered with a named failure status (:mod:`agent.status`) and an Error
+  Comment, kept in the quarantine, and the association goes on. No exception leaves the
+  handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any, Final, cast
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, evt
+from pynetdicom._handlers import standard_dimse_recv_handler
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from agent.config import Settings
+from agent.spool import InstanceInfo, Spool, SpoolError, StoreOutcome
+from agent.status import StoreStatus, error_comment
+from schemas.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+STORAGE_SOP_CLASSES: Final = (CTImageStorage, EnhancedCTImageStorage)
+"""What the agent triages: single-frame CT and Enhanced (multi-frame) CT."""
+
+NATIVE_SYNTAXES: Final = (ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                          DeflatedExplicitVRLittleEndian)
+ENCAPSULATED_SYNTAXES: Final = (
+    JPEGLosslessSV1,  # 1.2.840.10008.1.2.4.70
+    JPEGLossless,  # 1.2.840.10008.1.2.4.57 (Process 14)
+    JPEGLSLossless,  # 1.2.840.10008.1.2.4.80
+    JPEGLSNearLossless,  # 1.2.840.10008.1.2.4.81
+    JPEG2000Lossless,  # 1.2.840.10008.1.2.4.90
+    JPEG2000,  # 1.2.840.10008.1.2.4.91
+    RLELossless,  # 1.2.840.10008.1.2.5
+)
+ACCEPTED_SYNTAXES: Final = (*NATIVE_SYNTAXES, *ENCAPSULATED_SYNTAXES)
+"""Accepted as received, in this order of preference when a context offers several."""
+
+MAX_PDU_BYTES: Final = 0
+"""Maximum PDU size the SCP announces; 0 = unlimited, so senders may use large PDUs."""
+
+PREAMBLE: Final = b"\x00" * 128 + b"DICM"
+
+_PIXEL_TAGS: Final = (Tag(0x7FE0, 0x0010), Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009))
+_UID_TAGS: Final = {"StudyInstanceUID": Tag(0x0020, 0x000D),
+                    "SeriesInstanceUID": Tag(0x0020, 0x000E),
+                    "SOPInstanceUID": Tag(0x0008, 0x0018)}
+_LABELS: Final = {"StudyInstanceUID": "Study Instance UID (0020,000D)",
+                  "SeriesInstanceUID": "Series Instance UID (0020,000E)",
+                  "SOPInstanceUID": "SOP Instance UID (0008,0018)"}
+_SOP_CLASS_TAG: Final = Tag(0x0008, 0x0016)
+_VALID_UID: Final = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_MAX_UID_LEN: Final = 64
+
+
+def is_valid_uid(uid: str) -> bool:
+    """Whether ``uid`` follows PS3.5 9.1 (digits and dots, no leading zeros, <= 64 chars)."""
+    return len(uid) <= _MAX_UID_LEN and bool(_VALID_UID.match(uid))
+
+
+class Rejection(Exception):
+    """A dataset the SCP refuses: the status to answer and the reason to log and keep."""
+
+    def __init__(self, status: StoreStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class CheckedInstance:
+    """The facts taken from an accepted dataset."""
+
+    info: InstanceInfo
+    warnings: list[str] = field(default_factory=list)
+
+
+def _raw_text(ds: Dataset, tag: BaseTag) -> str | None:
+    """The value of a text element without pydicom's VR validation (raw bytes decoded),
+    ``None`` when absent. Raises ``Rejection`` if the element cannot be read."""
+    try:
+        elem = ds.get_item(tag)
+    except Exception as exc:
+        raise Rejection(StoreStatus.CANNOT_PARSE,
+                        f"element {tag} cannot be read: {exc}") from exc
+    if elem is None:
+        return None
+    value = elem.value
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("latin-1").strip("\x00 ")
+    return str(value).strip("\x00 ")
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    """A decoded text attribute for metadata hints, ``None`` if absent or unreadable."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a hint only: an odd Patient ID must not refuse an image
+        return None
+    return str(value) if value not in (None, "") else None
+
+
+def check_dataset(part10: bytes, *, sop_class_uid: str, sop_instance_uid: str,
+                  transfer_syntax_uid: str, calling_ae: str,
+                  received_at: float) -> CheckedInstance:
+    """Parse the Part-10 bytes and check what triage needs; raise :class:`Rejection`.
+
+    Checks, in order: it parses as DICOM; Study, Series and SOP Instance UIDs are present and
+    not empty; its SOP Class and SOP Instance UIDs are those the request announced; it has
+    pixel data, and native (uncompressed) pixel data is as long as its geometry says.
+    Syntactically invalid (but present) UIDs are accepted with a warning: real scanners send
+    them and the SeriesInstanceUID is only used as a key.
+    """
+    try:
+        ds = dcmread(BytesIO(part10), force=False)
+    except Exception as exc:
+        raise Rejection(StoreStatus.CANNOT_PARSE,
+                        f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc
+    if len(ds) == 0:
+        raise Rejection(StoreStatus.CANNOT_PARSE, "dataset cannot be parsed: no data elements")
+    uids = {name: _raw_text(ds, tag) for name, tag in _UID_TAGS.items()}
+    invalid = [f"{_LABELS[name]} {value!r} is not a valid DICOM UID"
+               for name, value in uids.items() if value and not is_valid_uid(value)]
+    problems = [f"{_LABELS[name]} {'is empty' if value == '' else 'is missing'}"
+                for name, value in uids.items() if not value]
+    if problems:
+        raise Rejection(StoreStatus.MISSING_UID, "; ".join(problems + invalid))
+    study_uid = str(uids["StudyInstanceUID"])
+    series_uid = str(uids["SeriesInstanceUID"])
+    sop_uid = str(uids["SOPInstanceUID"])
+    ds_class = _raw_text(ds, _SOP_CLASS_TAG)
+    if ds_class != sop_class_uid:
+        raise Rejection(StoreStatus.SOP_CLASS_MISMATCH,
+                        f"SOP Class UID {ds_class!r} is not the requested {sop_class_uid!r}")
+    if sop_uid != sop_instance_uid:
+        raise Rejection(StoreStatus.UID_MISMATCH,
+                        f"SOP Instance UID {sop_uid!r} differs from the request's "
+                        f"{sop_instance_uid!r}")
+    pixel_tag = next((t for t in _PIXEL_TAGS if t in ds), None)
+    if pixel_tag is None:
+        raise Rejection(StoreStatus.MISSING_PIXEL_DATA,
+                        "no Pixel Data (7FE0,0010): absent or truncated")
+    if transfer_syntax_uid in NATIVE_SYNTAXES and pixel_tag == _PIXEL_TAGS[0]:
+        _check_native_length(ds)
+    warnings = invalid
+    info = InstanceInfo(
+        sop_instance_uid=sop_uid, sop_class_uid=sop_class_uid, study_uid=study_uid,
+        series_uid=series_uid, transfer_syntax_uid=transfer_syntax_uid, calling_ae=calling_ae,
+        received_at=received_at, patient_id=_text(ds, "PatientID"),
+        accession_number=_text(ds, "AccessionNumber"), modality=_text(ds, "Modality"))
+    return CheckedInstance(info, warnings)
+
+
+def _check_native_length(ds: Dataset) -> None:
+    """Uncompressed Pixel Data must hold Rows x Columns x Samples x Frames x Bits/8 bytes."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        have = len(ds.PixelData)
+    except Exception as exc:
+        raise Rejection(StoreStatus.CANNOT_PARSE,
+                        f"image geometry cannot be read: {type(exc).__name__}: {exc}") from exc
+    need = (rows * cols * samples * frames * bits + 7) // 8
+    if have < need:
+        raise Rejection(StoreStatus.CANNOT_PARSE,
+                        f"Pixel Data has {have} bytes, {rows}x{cols}x{samples}x{frames} at "
+                        f"{bits} bits needs {need} (truncated)")
+
+
+def _encode_file_meta(meta: FileMetaDataset) -> bytes:
+    """The File Meta group as bytes, written even when a value is empty (an empty SOP
+    Instance UID must still reach the quarantine as it came)."""
+    if "FileMetaInformationVersion" not in meta:
+        meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.FileMetaInformationGroupLength = 0  # recomputed by the writer
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = False
+    write_file_meta_info(buffer, meta, enforce_standard=False)
+    return buffer.getvalue()
+
+
+def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server TLS context from ``tls_cert``/``tls_key`` (``None`` when TLS is off);
+    with ``tls_ca`` clients must present a certificate signed by it."""
+    if settings.tls_cert is None and settings.tls_key is None:
+        if settings.tls_ca is not None:
+            raise ConfigError("tls_ca is set but tls_cert/tls_key are not: TLS needs a server "
+                              "certificate")
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ConfigError("TLS needs both tls_cert and tls_key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+        if settings.tls_ca is not None:
+            ctx.load_verify_locations(cafile=str(settings.tls_ca))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS certificate/key/CA cannot be loaded: {exc}") from exc
+    return ctx
+
+
+@dataclass
+class _AssociationStats:
+    calling_ae: str
+    peer: str
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    series: set[str] = field(default_factory=set)
+    warned: set[str] = field(default_factory=set)
+
+
+StoredCallback = Callable[[int, InstanceInfo, StoreOutcome], None]
+"""Called after an instance is durably spooled: (association key, instance, outcome)."""
+ClosedCallback = Callable[[int, float], None]
+"""Called when an association's connection closes: (association key, time)."""
+
+
+class StorageSCP:
+    """The Storage SCP. ``start()`` binds and serves in background threads; ``stop()`` stops
+    accepting, lets running associations finish for a bounded time, then aborts them."""
+
+    def __init__(self, settings: Settings, spool: Spool, *,
+                 on_stored: StoredCallback | None = None,
+                 on_closed: ClosedCallback | None = None) -> None:
+        self.settings = settings
+        self.spool = spool
+        self._on_stored = on_stored
+        self._on_closed = on_closed
+        self._ssl = build_ssl_context(settings)
+        self._ae = self._make_ae()
+        self._server: ThreadedAssociationServer | None = None
+        self._assocs: dict[int, _AssociationStats] = {}
+        self._lock = threading.Lock()
+
+    # -- association setup ---------------------------------------------------------------
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_pdu_size = MAX_PDU_BYTES
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(ACCEPTED_SYNTAXES))
+        ae.add_supported_context(Verification)
+        if self.settings.allow_ae:
+            ae.require_calling_aet = list(self.settings.allow_ae)
+        return ae
+
+    @property
+    def tls(self) -> bool:
+        """Whether DICOM TLS is on."""
+        return self._ssl is not None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when ``settings.port`` was 0)."""
+        if self._server is None:
+            return self.settings.port
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Bind and start serving in background threads."""
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_CONN_OPEN, self._handle_open),
+            (evt.EVT_CONN_CLOSE, self._handle_close),
+            (evt.EVT_REJECTED, self._handle_rejected),
+            (evt.EVT_DIMSE_RECV, self._handle_dimse_recv),
+        ]
+        try:
+            self._server = self._ae.start_server(
+                (self.settings.host, self.settings.port), block=False,
+                ssl_context=self._ssl, evt_handlers=handlers)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {self.settings.host}:{self.settings.port}: "
+                              f"{exc}") from exc
+        if not self.settings.allow_ae:
+            logger.warning("DICOM listener %s accepts ANY calling AE title: set allow_ae "
+                           "(--allow-ae) to restrict who may send", self.settings.ae_title)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting associations; wait up to ``timeout_s`` for running ones to finish,
+        then abort what is left. Instances already answered Success are on disk."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        deadline = time.monotonic() + timeout_s
+        while self._ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = self._ae.active_associations
+        for assoc in left:
+            logger.warning("aborting association with %s at shutdown",
+                           assoc.requestor.ae_title)
+            assoc.abort()
+        for assoc in left:
+            assoc.join(timeout=2.0)
+
+    def _handle_open(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        # pynetdicom's own DIMSE debug-log handler is bound first and raises on a C-STORE
+        # without Affected SOP Instance UID, which would skip ours: move it after ours.
+        with _suppress_logged("reordering the DIMSE log handler"):
+            bound = [h[0] for h in cast(list[Any], assoc.get_handlers(evt.EVT_DIMSE_RECV))]
+            if standard_dimse_recv_handler in bound:
+                assoc.unbind(evt.EVT_DIMSE_RECV, standard_dimse_recv_handler)
+                assoc.bind(evt.EVT_DIMSE_RECV, standard_dimse_recv_handler)
+        with _suppress_logged("setting TCP_NODELAY"):
+            sock = assoc.dul.socket.socket if assoc.dul.socket else None
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _handle_rejected(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title
+        peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
+        if self.settings.allow_ae and calling not in self.settings.allow_ae:
+            logger.warning("association from %s rejected: calling AE %r is not on the "
+                           "allow-list %s (A-ASSOCIATE-RJ permanent, calling AE title not "
+                           "recognized)", peer, calling, self.settings.allow_ae)
+        else:
+            logger.warning("association from %s (calling AE %r, called AE %r) rejected",
+                           peer, calling, assoc.acceptor.ae_title)
+
+    def _handle_close(self, event: evt.Event) -> None:
+        key = id(event.assoc)
+        with self._lock:
+            stats = self._assocs.pop(key, None)
+        if stats is None:
+            return
+        if stats.stored or stats.duplicates or stats.failed:
+            logger.info("association from %s (%s) closed: %d stored, %d duplicate, %d failed; "
+                        "series %s", stats.calling_ae, stats.peer, stats.stored,
+                        stats.duplicates, stats.failed, ", ".join(sorted(stats.series)) or "-")
+        if self._on_closed is not None:
+            with _suppress_logged("association-closed callback"):
+                self._on_closed(key, time.time())
+
+    def _stats(self, event: evt.Event) -> _AssociationStats:
+        key = id(event.assoc)
+        with self._lock:
+            stats = self._assocs.get(key)
+            if stats is None:
+                req = event.assoc.requestor
+                stats = self._assocs[key] = _AssociationStats(
+                    calling_ae=str(req.ae_title), peer=f"{req.address}:{req.port}")
+            return stats
+
+    # -- the handlers --------------------------------------------------------------------
+
+    def _handle_echo(self, event: evt.Event) -> int:
+        return int(StoreStatus.SUCCESS)
+
+    def _handle_store(self, event: evt.Event) -> Dataset | int:
+        """C-STORE: check, spool durably, answer. Never raises."""
+        received_at = time.time()
+        try:
+            stats = self._stats(event)
+            req = cast(C_STORE, event.request)
+            sop_class = str(req.AffectedSOPClassUID or "")
+            sop_instance = str(req.AffectedSOPInstanceUID or "")
+            ts = str(event.context.transfer_syntax)
+            meta = event.file_meta
+            meta.SourceApplicationEntityTitle = stats.calling_ae
+            parts = [PREAMBLE + _encode_file_meta(meta), event.encoded_dataset(include_meta=False)]
+        except Exception as exc:
+            logger.exception("C-STORE: cannot read the request")
+            return _failure(StoreStatus.PROCESSING_FAILURE,
+                            f"internal error: {type(exc).__name__}: {exc}")
+        return self._store(id(event.assoc), stats, parts, sop_class=sop_class,
+                           sop_instance=sop_instance, ts=ts, received_at=received_at)
+
+    def _handle_dimse_recv(self, event: evt.Event) -> None:
+        """Answer a C-STORE-RQ that pynetdicom would drop without any response.
+
+        pynetdicom ignores a C-STORE request whose command lacks the Affected SOP Instance
+        (or Class) UID, so the sender waits until its DIMSE timeout and aborts. Real input
+        does this (an empty SOP Instance UID in the dataset, as in COVID-CT-MD's P002): here
+        the bytes are quarantined and the request gets a failure response naming the problem.
+        """
+        try:
+            msg: Any = event.message
+            if type(msg).__name__ != "C_STORE_RQ":
+                return
+            cmd = msg.command_set
+            sop_class = str(cmd.get("AffectedSOPClassUID", "") or "")
+            sop_instance = str(cmd.get("AffectedSOPInstanceUID", "") or "")
+            if sop_class and sop_instance:
+                return
+            received_at = time.time()
+            assoc = event.assoc
+            stats = self._stats(event)
+            context_id = int(msg.context_id)
+            cx = next(c for c in assoc.accepted_contexts if c.context_id == context_id)
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = UID(sop_class)
+            meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+            meta.TransferSyntaxUID = cx.transfer_syntax[0]
+            meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+            meta.SourceApplicationEntityTitle = stats.calling_ae
+            data = msg.data_set.getvalue() if msg.data_set is not None else b""
+            answer = self._store(id(assoc), stats, [PREAMBLE + _encode_file_meta(meta), data],
+                                 sop_class=sop_class, sop_instance=sop_instance,
+                                 ts=str(cx.transfer_syntax[0]), received_at=received_at)
+            rsp: Any = C_STORE()
+            rsp.MessageIDBeingRespondedTo = int(cmd.MessageID)
+            if sop_class:
+                rsp.AffectedSOPClassUID = sop_class
+            if isinstance(answer, Dataset):
+                rsp.Status = int(answer.Status)
+                rsp.ErrorComment = str(answer.ErrorComment)
+            else:  # cannot happen: an empty request UID never matches a stored dataset
+                rsp.Status = int(StoreStatus.MISSING_UID)
+                rsp.ErrorComment = "C-STORE request lacks the Affected SOP Instance UID"
+            assoc.dimse.send_msg(rsp, context_id)
+        except Exception:
+            logger.exception("could not answer a C-STORE request without Affected SOP UIDs")
+
+    def _store(self, assoc_key: int, stats: _AssociationStats, parts: list[bytes], *,
+               sop_class: str, sop_instance: str, ts: str,
+               received_at: float) -> Dataset | int:
+        """Check and spool one instance; the C-STORE answer. Never raises."""
+        details: dict[str, Any] = {
+            "calling_ae": stats.calling_ae, "peer": stats.peer,
+            "affected_sop_class_uid": sop_class, "affected_sop_instance_uid": sop_instance,
+            "transfer_syntax_uid": ts, "received_at": received_at}
+        try:
+            checked = check_dataset(b"".join(parts), sop_class_uid=sop_class,
+                                    sop_instance_uid=sop_instance, transfer_syntax_uid=ts,
+                                    calling_ae=stats.calling_ae, received_at=received_at)
+            info = checked.info
+            for warning in checked.warnings:
+                if warning not in stats.warned:
+                    stats.warned.add(warning)
+                    logger.warning("study %s series %s from %s: %s (accepted)", info.study_uid,
+                                   info.series_uid, stats.calling_ae, warning)
+            outcome = self.spool.store(info, parts)
+        except Rejection as rej:
+            return self._reject(stats, parts, rej.status, rej.reason, details)
+        except SpoolError as exc:
+            logger.error("C-STORE from %s: %s", stats.calling_ae, exc.message)
+            with self._lock:
+                stats.failed += 1
+            return _failure(StoreStatus.OUT_OF_RESOURCES, f"spool write failed: {exc.message}")
+        except Exception as exc:
+            logger.exception("C-STORE from %s (SOP instance %s): unexpected error",
+                             stats.calling_ae, sop_instance)
+            return self._reject(stats, parts, StoreStatus.PROCESSING_FAILURE,
+                                f"internal error: {type(exc).__name__}: {exc}", details)
+        with self._lock:
+            stats.series.add(info.series_uid)
+            if outcome is StoreOutcome.STORED:
+                stats.stored += 1
+            else:
+                stats.duplicates += 1
+        if outcome is StoreOutcome.DUPLICATE:
+            logger.info("study %s series %s: SOP instance %s from %s already stored; "
+                        "answered Success without storing again", info.study_uid,
+                        info.series_uid, info.sop_instance_uid, stats.calling_ae)
+        else:
+            logger.debug("study %s series %s: stored SOP instance %s from %s", info.study_uid,
+                         info.series_uid, info.sop_instance_uid, stats.calling_ae)
+        if self._on_stored is not None:
+            with _suppress_logged(f"stored callback for series {info.series_uid}"):
+                self._on_stored(assoc_key, info, outcome)
+        return int(StoreStatus.SUCCESS)
+
+    def _reject(self, stats: _AssociationStats | None, parts: list[bytes],
+                status: StoreStatus, reason: str, details: dict[str, Any]) -> Dataset | int:
+        """Quarantine the bytes (if any arrived), log, and build the failure response."""
+        if stats is not None:
+            with self._lock:
+                stats.failed += 1
+        where = "not kept (no bytes)"
+        if parts:
+            try:
+                path = self.spool.quarantine(parts, reason,
+                                             {**details, "status": f"0x{status:04X}",
+                                              "status_name": status.name})
+                where = f"quarantined as {path}"
+            except Exception as exc:  # the answer matters more than the evidence
+                where = f"NOT quarantined ({exc})"
+        logger.warning("C-STORE from %s refused with 0x%04X %s: %s (SOP instance %r); %s",
+                       details.get("calling_ae", "?"), status, status.name, reason,
+                       details.get("affected_sop_instance_uid", "?"), where)
+        return _failure(status, reason)
+
+
+def _failure(status: StoreStatus, reason: str) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = int(status)
+    rsp.ErrorComment = error_comment(reason)
+    return rsp
+
+
+class _suppress_logged:  # noqa: N801  (used like contextlib.suppress)
+    """Log (with traceback) and swallow any exception: for callbacks that must not break the
+    association."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> bool:
+        if exc is not None and isinstance(exc, Exception):
+            logger.error("error in %s: %s", self.what, exc, exc_info=exc)
+            return True
+        return False

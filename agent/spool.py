@@ -1,0 +1,437 @@
+"""The durable spool of received instances, its SQLite index, and the quarantine.
+
+Layout under ``data_dir``::
+
+    spool/<xx>/<sha256(SOP Instance UID)[:40]>.<random>.dcm   one Part-10 file per instance
+    spool.sqlite                                                the index (WAL, synchronous=FULL)
+    quarantine/<time>-<random>.dcm + .json                      rejected input and the reason
+
+Why it is safe to answer Success once :meth:`Spool.store` returns:
+
+1. the file is created with ``O_EXCL`` under a unique name, written, ``fsync``'d, and its
+   directory ``fsync``'d;
+2. only then the index row is committed (SQLite WAL with ``synchronous=FULL`` fsyncs the log on
+   commit), in the same transaction as the series' running totals.
+
+A crash between 1 and 2 leaves a file with no index row; no Success was sent for it, so the
+sender will send it again, and :meth:`Spool.recover` deletes such orphans at the next start.
+A duplicate SOP Instance UID is stored once: the index has a UNIQUE key on it, and the loser of
+a race between two associations deletes its own file.
+
+The index is also the outbox's queue (``published_at IS NULL``) and the source of the series
+completion state (table ``series``), so both survive restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from schemas.errors import Hust19Error
+
+logger = logging.getLogger(__name__)
+
+SPOOL_DIR: Final = "spool"
+QUARANTINE_DIR: Final = "quarantine"
+INDEX_FILE: Final = "spool.sqlite"
+FANOUT: Final = 256
+"""Spool files are spread over this many sub-directories (first byte of the name hash)."""
+NAME_HASH_CHARS: Final = 40
+SUFFIX: Final = ".dcm"
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS instances (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_instance_uid    TEXT NOT NULL UNIQUE,
+    sop_class_uid       TEXT NOT NULL,
+    study_uid           TEXT NOT NULL,
+    series_uid          TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    calling_ae          TEXT NOT NULL,
+    received_at         REAL NOT NULL,
+    path                TEXT NOT NULL,
+    size                INTEGER NOT NULL,
+    published_at        REAL,
+    publish_error       TEXT
+);
+CREATE INDEX IF NOT EXISTS instances_pending ON instances (id)
+    WHERE published_at IS NULL AND publish_error IS NULL;
+CREATE INDEX IF NOT EXISTS instances_pending_series ON instances (series_uid)
+    WHERE published_at IS NULL AND publish_error IS NULL;
+CREATE TABLE IF NOT EXISTS series (
+    series_uid        TEXT PRIMARY KEY,
+    study_uid         TEXT NOT NULL,
+    first_received_at REAL NOT NULL,
+    last_received_at  REAL NOT NULL,
+    instance_count    INTEGER NOT NULL,
+    completed_count   INTEGER NOT NULL DEFAULT 0,
+    generation        INTEGER NOT NULL DEFAULT 0,
+    completed_at      REAL,
+    patient_id        TEXT,
+    accession_number  TEXT,
+    modality          TEXT
+);
+CREATE INDEX IF NOT EXISTS series_open ON series (series_uid)
+    WHERE instance_count > completed_count;
+"""
+
+
+class SpoolError(Hust19Error):
+    """The spool could not store or read an instance (disk full, permissions, corrupt index)."""
+
+
+class StoreOutcome(enum.Enum):
+    """What :meth:`Spool.store` did."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """What the index keeps about one received instance (taken from the dataset)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    calling_ae: str
+    received_at: float
+    patient_id: str | None = None
+    accession_number: str | None = None
+    modality: str | None = None
+
+
+@dataclass(frozen=True)
+class SpooledInstance:
+    """An index row: an instance on disk, maybe not yet published."""
+
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    calling_ae: str
+    received_at: float
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True)
+class SeriesState:
+    """Running totals of one series, as committed with its instances."""
+
+    series_uid: str
+    study_uid: str
+    first_received_at: float
+    last_received_at: float
+    instance_count: int
+    completed_count: int
+    generation: int
+    unpublished: int
+    patient_id: str | None
+    accession_number: str | None
+    modality: str | None
+
+    @property
+    def is_open(self) -> bool:
+        """Instances arrived since the last completion event (or none was sent yet)."""
+        return self.instance_count > self.completed_count
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, parts: Sequence[bytes | memoryview]) -> int:
+    """Create ``path`` (must not exist), write ``parts``, fsync the file and its directory."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    total = 0
+    try:
+        views = [memoryview(p) for p in parts if len(p)]
+        total = sum(len(v) for v in views)
+        while views:
+            n = os.writev(fd, views)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+    _fsync_dir(path.parent)
+    return total
+
+
+class Spool:
+    """Durable store + index of received instances, and the quarantine for rejected ones.
+
+    Thread-safe: the SCP's association threads call :meth:`store` and :meth:`quarantine`; the
+    outbox thread reads and marks. File I/O runs outside the index lock.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.root = self.data_dir / SPOOL_DIR
+        self.quarantine_dir = self.data_dir / QUARANTINE_DIR
+        self.index_path = self.data_dir / INDEX_FILE
+        try:
+            for d in (self.data_dir, self.root, self.quarantine_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            for i in range(FANOUT):
+                (self.root / f"{i:02x}").mkdir(exist_ok=True)
+            _fsync_dir(self.root)
+            _fsync_dir(self.data_dir)
+            self._db = sqlite3.connect(self.index_path, isolation_level=None,
+                                       check_same_thread=False, timeout=30.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise SpoolError(f"cannot open the spool in {self.data_dir}: {exc}") from exc
+        self._lock = threading.Lock()
+
+    # -- writing -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def contains(self, sop_instance_uid: str) -> bool:
+        """Whether an instance with this SOP Instance UID is already stored."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?",
+                                   (sop_instance_uid,)).fetchone()
+        return row is not None
+
+    def _new_path(self, sop_instance_uid: str) -> Path:
+        digest = hashlib.sha256(sop_instance_uid.encode("utf-8")).hexdigest()
+        return (self.root / digest[:2] /
+                f"{digest[:NAME_HASH_CHARS]}.{secrets.token_hex(4)}{SUFFIX}")
+
+    def store(self, info: InstanceInfo, part10: Sequence[bytes | memoryview]) -> StoreOutcome:
+        """Write the Part-10 file (``part10`` buffers, concatenated) durably and index it.
+
+        Returns once file, directory and index are on disk; the caller may then answer
+        Success. A SOP Instance UID already stored is not written again (``DUPLICATE``).
+        Raises :class:`SpoolError` if the disk or the index fails.
+        """
+        if self.contains(info.sop_instance_uid):
+            return StoreOutcome.DUPLICATE
+        path = self._new_path(info.sop_instance_uid)
+        try:
+            size = _write_durable(path, part10)
+        except OSError as exc:
+            raise SpoolError(f"cannot write {path} (series {info.series_uid}, SOP instance "
+                             f"{info.sop_instance_uid}): {exc}") from exc
+        try:
+            with self._tx() as db:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, "
+                    "study_uid, series_uid, transfer_syntax_uid, calling_ae, received_at, path,"
+                    " size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (info.sop_instance_uid, info.sop_class_uid, info.study_uid,
+                     info.series_uid, info.transfer_syntax_uid, info.calling_ae,
+                     info.received_at, str(path.relative_to(self.root)), size))
+                inserted = cur.rowcount == 1
+                if inserted:
+                    db.execute(
+                        "INSERT INTO series (series_uid, study_uid, first_received_at, "
+                        "last_received_at, instance_count, patient_id, accession_number, "
+                        "modality) VALUES (?, ?, ?, ?, 1, ?, ?, ?) "
+                        "ON CONFLICT (series_uid) DO UPDATE SET "
+                        "instance_count = instance_count + 1, "
+                        "first_received_at = min(first_received_at, excluded.first_received_at),"
+                        " last_received_at = max(last_received_at, excluded.last_received_at)",
+                        (info.series_uid, info.study_uid, info.received_at, info.received_at,
+                         info.patient_id, info.accession_number, info.modality))
+        except sqlite3.Error as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise SpoolError(f"cannot index series {info.series_uid} SOP instance "
+                             f"{info.sop_instance_uid} in {self.index_path}: {exc}") from exc
+        if not inserted:  # another association stored the same instance meanwhile
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return StoreOutcome.DUPLICATE
+        return StoreOutcome.STORED
+
+    def quarantine(self, parts: Sequence[bytes | memoryview], reason: str,
+                   details: dict[str, Any]) -> Path:
+        """Keep rejected bytes in ``quarantine/`` with a JSON file saying why; returns the
+        path of the ``.dcm``. Best effort but durable: both files are fsync'd."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        base = self.quarantine_dir / f"{stamp}-{secrets.token_hex(6)}"
+        data_path = base.with_suffix(SUFFIX)
+        record = {"reason": reason, "quarantined_at": time.time(), "file": data_path.name,
+                  **details}
+        try:
+            size = _write_durable(data_path, parts)
+            record["size"] = size
+            _write_durable(base.with_suffix(".json"),
+                           [json.dumps(record, indent=2, default=str).encode()])
+        except OSError as exc:
+            raise SpoolError(f"cannot write to the quarantine {self.quarantine_dir}: {exc}") \
+                from exc
+        return data_path
+
+    # -- reading (outbox, series tracker) ------------------------------------------------
+
+    def pending(self, limit: int = 64, max_bytes: int = 16 << 20) -> list[SpooledInstance]:
+        """Unpublished instances in arrival order: at most ``limit`` rows and about
+        ``max_bytes`` (always at least one row when any is pending)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, sop_instance_uid, sop_class_uid, study_uid, series_uid, "
+                "transfer_syntax_uid, calling_ae, received_at, path, size FROM instances "
+                "WHERE published_at IS NULL AND publish_error IS NULL ORDER BY id LIMIT ?",
+                (limit,)).fetchall()
+        out: list[SpooledInstance] = []
+        total = 0
+        for row in rows:
+            if out and total + row[9] > max_bytes:
+                break
+            total += row[9]
+            out.append(SpooledInstance(
+                id=row[0], sop_instance_uid=row[1], sop_class_uid=row[2], study_uid=row[3],
+                series_uid=row[4], transfer_syntax_uid=row[5], calling_ae=row[6],
+                received_at=row[7], path=self.root / row[8], size=row[9]))
+        return out
+
+    def read(self, instance: SpooledInstance) -> bytes:
+        """The Part-10 bytes of a spooled instance; :class:`SpoolError` if unreadable."""
+        try:
+            data = instance.path.read_bytes()
+        except OSError as exc:
+            raise SpoolError(f"cannot read spooled series {instance.series_uid} SOP instance "
+                             f"{instance.sop_instance_uid} at {instance.path}: {exc}") from exc
+        if len(data) != instance.size:
+            raise SpoolError(f"spooled file {instance.path} (series {instance.series_uid}, SOP "
+                             f"instance {instance.sop_instance_uid}) has {len(data)} bytes, "
+                             f"the index says {instance.size}")
+        return data
+
+    def mark_published(self, ids: Sequence[int], when: float | None = None) -> None:
+        """Record that these rows are durably on the bus (call after ``flush()``)."""
+        if not ids:
+            return
+        stamp = time.time() if when is None else when
+        with self._tx() as db:
+            db.executemany("UPDATE instances SET published_at = ? WHERE id = ?",
+                           [(stamp, i) for i in ids])
+
+    def mark_failed(self, instance_id: int, error: str) -> None:
+        """Take a row that can never be published (its file is gone or corrupt) out of the
+        queue, keeping the reason; it no longer holds back its series' completion."""
+        with self._tx() as db:
+            db.execute("UPDATE instances SET publish_error = ? WHERE id = ?",
+                       (error, instance_id))
+
+    def pending_count(self) -> int:
+        """Instances not yet published (excluding those marked failed)."""
+        with self._lock:
+            (n,) = self._db.execute(
+                "SELECT count(*) FROM instances WHERE published_at IS NULL "
+                "AND publish_error IS NULL").fetchone()
+        return int(n)
+
+    def instance_count(self) -> int:
+        """All indexed instances."""
+        with self._lock:
+            (n,) = self._db.execute("SELECT count(*) FROM instances").fetchone()
+        return int(n)
+
+    def open_series(self) -> list[SeriesState]:
+        """Series with instances received since their last completion (or never completed),
+        with the number of their instances still waiting for the bus."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.series_uid, s.study_uid, s.first_received_at, s.last_received_at, "
+                "s.instance_count, s.completed_count, s.generation, "
+                "(SELECT count(*) FROM instances i WHERE i.series_uid = s.series_uid "
+                " AND i.published_at IS NULL AND i.publish_error IS NULL), "
+                "s.patient_id, s.accession_number, s.modality "
+                "FROM series s WHERE s.instance_count > s.completed_count").fetchall()
+        return [SeriesState(*row) for row in rows]
+
+    def series(self, series_uid: str) -> SeriesState | None:
+        """The state of one series, or ``None`` if never seen."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT s.series_uid, s.study_uid, s.first_received_at, s.last_received_at, "
+                "s.instance_count, s.completed_count, s.generation, "
+                "(SELECT count(*) FROM instances i WHERE i.series_uid = s.series_uid "
+                " AND i.published_at IS NULL AND i.publish_error IS NULL), "
+                "s.patient_id, s.accession_number, s.modality "
+                "FROM series s WHERE s.series_uid = ?", (series_uid,)).fetchone()
+        return SeriesState(*row) if row else None
+
+    def mark_series_completed(self, series_uid: str, generation: int, instance_count: int,
+                              completed_at: float) -> None:
+        """Record that completion event ``generation`` (covering ``instance_count``
+        instances) is durably on the bus."""
+        with self._tx() as db:
+            db.execute("UPDATE series SET generation = ?, completed_count = ?, completed_at = ?"
+                       " WHERE series_uid = ?",
+                       (generation, instance_count, completed_at, series_uid))
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Delete spool files that have no index row (a crash between the file write and
+        the index commit: never acknowledged, so the sender resends). Returns how many."""
+        with self._lock:
+            known = {row[0] for row in self._db.execute("SELECT path FROM instances")}
+        removed = 0
+        for sub in sorted(self.root.iterdir()):
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub):
+                rel = f"{sub.name}/{entry.name}"
+                if rel not in known:
+                    logger.warning("spool: removing %s: written but never indexed nor "
+                                   "acknowledged (interrupted store)", entry.path)
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+    def close(self) -> None:
+        """Close the index (idempotent)."""
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+
+def info_dict(info: InstanceInfo) -> dict[str, Any]:
+    """``info`` as a plain dict (for quarantine reason files and logs)."""
+    return asdict(info)
