@@ -46,12 +46,14 @@ __all__ = [
     "INPUT_SIZE",
     "NICT_AREA_FRACTION",
     "LungExtraction",
+    "content_box",
     "crop_square",
     "extract",
     "extract_batch",
     "is_informative",
     "lung_mask",
     "lung_mask_reference",
+    "square_box",
 ]
 
 logger = logging.getLogger(__name__)
@@ -105,25 +107,41 @@ class LungExtraction:
     area_fraction: float
 
 
-def crop_square(image_u8: np.ndarray) -> np.ndarray:
-    """Square content crop (``crop_margin``): content box by row/column sums, widened to a square.
+def square_box(
+    rows: tuple[int, int], cols: tuple[int, int], height: int, width: int
+) -> tuple[int, int, int, int, int]:
+    """Content box ``[r0, r1) x [c0, c1)`` widened to a square: ``(r0, r1, c0, c1, side)``.
 
-    The shorter side is widened about its centre and shifted to stay inside the image; if the
-    square is still larger than the image along that axis, the rest is zero padding. An image with
-    no content row or column (all near black) keeps its full extent.
+    The shorter side is widened about its centre and shifted to stay inside the image; when the
+    square does not fit along an axis the box keeps the image's extent there and the caller pads.
     """
+    side = max(rows[1] - rows[0], cols[1] - cols[0])
+    r0, r1 = _widen(rows[0], rows[1], side, height)
+    c0, c1 = _widen(cols[0], cols[1], side, width)
+    return r0, r1, c0, c1, side
+
+
+def content_box(image_u8: np.ndarray) -> tuple[int, int, int, int, int]:
+    """:func:`square_box` of ``crop_margin``'s content box (row/column sums above 30)."""
     image = np.asarray(image_u8)
     height, width = image.shape
     row_on = np.flatnonzero(image.sum(axis=1, dtype=np.int64) > CROP_ROW_SUM_THRESHOLD)
     col_on = np.flatnonzero(image.sum(axis=0, dtype=np.int64) > CROP_ROW_SUM_THRESHOLD)
     if row_on.size == 0 or col_on.size == 0:
-        r0, r1, c0, c1 = 0, height, 0, width
-    else:
-        r0, r1 = int(row_on[0]), int(row_on[-1]) + 1
-        c0, c1 = int(col_on[0]), int(col_on[-1]) + 1
-    r0, r1 = _widen(r0, r1, max(r1 - r0, c1 - c0), height)
-    c0, c1 = _widen(c0, c1, max(r1 - r0, c1 - c0), width)
-    side = max(r1 - r0, c1 - c0)
+        return square_box((0, height), (0, width), height, width)
+    rows = (int(row_on[0]), int(row_on[-1]) + 1)
+    cols = (int(col_on[0]), int(col_on[-1]) + 1)
+    return square_box(rows, cols, height, width)
+
+
+def crop_square(image_u8: np.ndarray) -> np.ndarray:
+    """Square content crop (``crop_margin``): content box by row/column sums, widened to a square.
+
+    An image with no content row or column (all near black) keeps its full extent. Where the
+    square is larger than the image along one axis the rest is zero padding (centred).
+    """
+    image = np.asarray(image_u8)
+    r0, r1, c0, c1, side = content_box(image)
     crop = image[r0:r1, c0:c1]
     if crop.shape == (side, side):
         return crop
