@@ -21,6 +21,7 @@ from agent.bus import Bus, Consumer, Message, open_bus
 from agent.bus_embedded import EmbeddedBus
 from agent.bus_kafka import KafkaBus, crc32c_is_native
 from schemas.errors import BusError
+from schemas.topics import ALL_TOPICS
 from tests.fixtures.kafka import kafka_test_overrides, run_test_broker
 
 ONE_MB = 1024 * 1024
@@ -404,3 +405,16 @@ def test_dump_in_another_process_sees_messages_while_they_are_written(
     assert [line["key"] for line in lines] == ["first"] + [f"k{i}" for i in range(5)]
     assert [line["value_size"] for line in lines[1:]] == [1000 * i for i in range(5)]
     assert lines[3]["headers"] == {"i": "2"}
+
+
+@pytest.mark.kafka
+def test_kafka_ensure_topics_creates_the_product_topics_once(fresh_kafka_broker: str) -> None:
+    bus = KafkaBus([fresh_kafka_broker.removeprefix("kafka://")], **kafka_test_overrides())
+    try:
+        assert not any(bus.topic_exists(t) for t in ALL_TOPICS)  # an empty broker
+        bus.ensure_topics(ALL_TOPICS)
+        bus.ensure_topics(ALL_TOPICS)  # existing topics are left alone
+        for topic in ALL_TOPICS:
+            assert bus.describe_topic(topic) == list(range(bus.partitions))
+    finally:
+        bus.close()
