@@ -14,6 +14,7 @@ the per-class probability.
 from __future__ import annotations
 
 import itertools
+import warnings
 from pathlib import Path
 from typing import Final
 
@@ -112,7 +113,11 @@ def export_onnx(net: Hust19Cnn, path: Path) -> None:
     model = WithSoftmax(net).eval()
     dummy = torch.zeros(1, net.channels, IMAGE_SIZE, IMAGE_SIZE)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT_NAME],
-                      output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET,
-                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                      dynamo=False)
+    with warnings.catch_warnings():
+        # the TorchScript exporter is deprecated in favour of torch.export, which needs
+        # onnxscript (not a dependency); its output for this plain CNN is the same graph
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          dynamo=False)

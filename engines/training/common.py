@@ -174,7 +174,7 @@ def train_epochs(net: nn.Module, opt: torch.optim.Optimizer, images: np.ndarray,
             loss = _loss(logits, y)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             hard = y if y.dtype == torch.long else y.argmax(dim=1)
             correct += int((logits.argmax(dim=1) == hard).sum())
             seen += len(idx)

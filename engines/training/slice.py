@@ -1,0 +1,292 @@
+"""Train the slice CNN (NiCT / pCT / nCT) on the public slices and the labelled DICOM series.
+
+Data and labels (the model card ``docs/models/slice.md`` states the same):
+
+- UCSD COVID-CT official *train* split (``covid-ct/splits/train.csv``): COVID -> pCT,
+  NonCOVID -> nCT. The official *val* split is never used here (evaluation only).
+- Chest CT series given by ``--series`` (default P002 and normal001; cap002 is held out):
+  slice-level radiologist infection label 1 -> pCT, 0 -> nCT; normal001 (no slice labels, a
+  normal subject) -> nCT.
+- NiCT is a *derived* label: any slice whose lung extraction is not informative
+  (``engines.lung.is_informative`` false: too little lung parenchyma) is NiCT, except a series
+  slice the radiologists marked infected (their mark wins).
+
+Pre-processing is the runtime's, byte for byte: PNG -> ``preprocess.load_image_u8`` / DICOM ->
+``preprocess.dataset_to_u8`` (HU, lung window) -> ``lung.extract`` -> 200x200 crop -> /255. The
+crops are cached in ``OUT/cache-<hash>.npz``; the hash covers the source of ``preprocess.py`` and
+``lung.py`` so that a change of pre-processing can never reuse stale crops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import hashlib
+import inspect
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import numpy as np
+
+from schemas.errors import InputError
+
+if TYPE_CHECKING:
+    from engines.networks import Hust19Cnn
+    from engines.training.common import TrainState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA: Final = Path("../shared/data")
+DEFAULT_OUT: Final = Path("runs/slice")
+DEFAULT_EPOCHS: Final = 16
+DEFAULT_TRAIN_SERIES: Final = ("P002", "normal001")
+MODELS_DIR: Final = Path(__file__).resolve().parents[1] / "models"
+MODEL_NAME: Final = "slice"
+LABEL_PCT: Final = "pCT"
+LABEL_NCT: Final = "nCT"
+LABEL_NICT: Final = "NiCT"
+CLASS_INDEX: Final = {"NiCT": 0, "pCT": 1, "nCT": 2}
+PUBLIC_LABELS: Final = {"COVID": LABEL_PCT, "NonCOVID": LABEL_NCT}
+INFECTED: Final = "1"
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """One training slice before pre-processing: where it is and the label its source gives."""
+
+    key: str  # unique id: "covid-ct/<path>" or "<series>/<file>"
+    path: Path
+    kind: str  # "png" or "dicom"
+    source_label: str  # pCT or nCT (before the derived NiCT rule)
+    radiologist_marked: bool  # a series slice with infection 1
+    group: str  # what must stay together in CV folds (paper prefix / series)
+
+
+def public_sources(data: Path, split: str = "train") -> list[SliceSource]:
+    """The UCSD COVID-CT slices of an official split (``train`` or ``val``)."""
+    root = data / "covid-ct"
+    csv_path = root / "splits" / f"{split}.csv"
+    if not csv_path.is_file():
+        raise InputError(f"{csv_path}: not found (is --data the shared data folder?)")
+    out = []
+    with csv_path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            label = PUBLIC_LABELS.get(row["label"])
+            if label is None:
+                raise InputError(f"{csv_path}: unknown label {row['label']!r}")
+            # file names look like "<paper>-p<page>-<n>.png": the paper is the group
+            group = row["filename"].split("-p")[0] if "-p" in row["filename"] else row["filename"]
+            out.append(SliceSource(f"covid-ct/{row['path']}", root / row["path"], "png", label,
+                                   False, f"covid-ct:{group}"))
+    return out
+
+
+def series_sources(data: Path, series: str) -> list[SliceSource]:
+    """The slices of one chest CT series with their infection labels (nCT for normal)."""
+    root = data / "chest-ct-series"
+    table = root / f"{series}-slices.csv"
+    if not table.is_file():
+        raise InputError(f"{table}: not found (unknown series {series!r})")
+    out = []
+    with table.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            marked = row.get("infection", "") == INFECTED
+            out.append(SliceSource(f"{series}/{row['file']}", root / series / row["file"],
+                                   "dicom", LABEL_PCT if marked else LABEL_NCT, marked,
+                                   f"series:{series}"))
+    return out
+
+
+def preprocessing_hash() -> str:
+    """Short hash of the pre-processing source code (cache key, recorded in the metadata)."""
+    from engines import lung, preprocess
+
+    h = hashlib.sha256()
+    for module in (preprocess, lung):
+        h.update(inspect.getsource(module).encode())
+    return h.hexdigest()[:12]
+
+
+@dataclass
+class SliceSet:
+    """Pre-processed slices: crops uint8 (N, 200, 200) and their labels."""
+
+    keys: np.ndarray  # str
+    groups: np.ndarray  # str
+    crops: np.ndarray  # uint8 (N, 200, 200)
+    labels: np.ndarray  # int class index (NiCT 0, pCT 1, nCT 2)
+    informative: np.ndarray  # bool
+    area_fraction: np.ndarray  # float32
+
+    def subset(self, idx: np.ndarray) -> SliceSet:
+        return SliceSet(self.keys[idx], self.groups[idx], self.crops[idx], self.labels[idx],
+                        self.informative[idx], self.area_fraction[idx])
+
+    def counts(self) -> dict[str, int]:
+        return {name: int((self.labels == i).sum()) for name, i in CLASS_INDEX.items()}
+
+
+def load_u8(src: SliceSource) -> np.ndarray:
+    """The runtime's grey image for a source (PNG reader or DICOM + lung window)."""
+    from engines import preprocess
+
+    if src.kind == "png":
+        return preprocess.load_image_u8(src.path)
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(src.path)
+    except Exception as exc:  # pydicom raises InvalidDicomError, OSError, ...
+        raise InputError(f"{src.path}: cannot read DICOM: {exc}") from exc
+    return preprocess.dataset_to_u8(ds)
+
+
+def derive_label(src: SliceSource, informative: bool) -> int:
+    """The training class: the derived NiCT rule over the source label (see module doc)."""
+    if not informative and not src.radiologist_marked:
+        return CLASS_INDEX[LABEL_NICT]
+    return CLASS_INDEX[src.source_label]
+
+
+def preprocess_sources(sources: list[SliceSource], cache: Path | None = None,
+                       progress: bool = True) -> SliceSet:
+    """Run the runtime pre-processing on every source (cached in ``cache`` when given)."""
+    from tqdm import tqdm
+
+    from engines import lung
+
+    keys = np.array([s.key for s in sources])
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as d:
+            if d["keys"].shape == keys.shape and bool(np.all(d["keys"] == keys)):
+                log.info("using cached pre-processed slices %s", cache)
+                return SliceSet(d["keys"], d["groups"], d["crops"], d["labels"],
+                                d["informative"], d["area_fraction"])
+    crops = np.zeros((len(sources), 200, 200), np.uint8)
+    labels = np.zeros(len(sources), np.int64)
+    informative = np.zeros(len(sources), bool)
+    area = np.zeros(len(sources), np.float32)
+    for i, src in enumerate(tqdm(sources, desc="lung extraction", unit="slice",
+                                 disable=not progress)):
+        ext = lung.extract(load_u8(src))
+        crops[i] = ext.crop
+        informative[i] = bool(lung.is_informative(ext))
+        area[i] = float(ext.area_fraction)
+        labels[i] = derive_label(src, informative[i])
+    out = SliceSet(keys, np.array([s.group for s in sources]), crops, labels, informative, area)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(cache, keys=out.keys, groups=out.groups, crops=out.crops,
+                            labels=out.labels, informative=out.informative,
+                            area_fraction=out.area_fraction)
+    return out
+
+
+def training_sources(data: Path, series: tuple[str, ...], limit: int = 0) -> list[SliceSource]:
+    """Public train split + the given series; ``limit`` > 0 keeps that many per source/label
+    (tiny test runs)."""
+    sources = public_sources(data, "train")
+    for name in series:
+        sources += series_sources(data, name)
+    if limit > 0:
+        kept: list[SliceSource] = []
+        seen: dict[tuple[str, str], int] = {}
+        for s in sources:
+            k = (s.group.split(":")[0] + s.kind, s.source_label)
+            if seen.get(k, 0) < limit:
+                kept.append(s)
+                seen[k] = seen.get(k, 0) + 1
+        sources = kept
+    return sources
+
+
+def train_slice_net(images: SliceSet, *, epochs: int, batch_size: int, seed: int,
+                    out: Path | None, resume: bool, progress: bool = True,
+                    config: dict[str, object] | None = None) -> tuple[Hust19Cnn, TrainState]:
+    """Build and train a slice CNN on ``images``; returns (net, TrainState)."""
+    import torch
+
+    from engines import networks
+    from engines.training import common
+
+    common.seed_everything(seed)
+    net = networks.slice_cnn()
+    opt = torch.optim.Adam(net.parameters(), lr=networks.SLICE_LR)
+    state = common.load_checkpoint(out, net, opt) if (out is not None and resume) else None
+    if state is not None:
+        log.info("resuming from %s at epoch %d", out, state.epoch)
+    else:
+        state = common.TrainState(config=dict(config or {}))
+    state = common.train_epochs(net, opt, images.crops[:, None], images.labels, epochs=epochs,
+                                batch_size=batch_size, seed=seed, out=out, state=state,
+                                progress=progress)
+    return net, state
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``hust19 train slice``."""
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="work dir: checkpoints, cache, exported model")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=19)
+    parser.add_argument("--series", nargs="*", default=list(DEFAULT_TRAIN_SERIES),
+                        help="chest CT series used for training (default P002 normal001)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="keep at most N slices per source and label (quick tests)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--install", action="store_true",
+                        help="copy the exported model into the package (engines/models)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Pre-process, train (resumable), export ONNX + metadata to OUT (and the package)."""
+    import torch
+
+    from engines import networks
+    from engines.training import common
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    sources = training_sources(args.data, tuple(args.series), args.limit)
+    cache = out / f"cache-{preprocessing_hash()}-{len(sources)}.npz"
+    images = preprocess_sources(sources, cache, progress=not args.no_progress)
+    config = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
+              "series": list(args.series), "limit": args.limit, "lr": networks.SLICE_LR}
+    net, state = train_slice_net(images, epochs=args.epochs, batch_size=args.batch_size,
+                                 seed=args.seed, out=out, resume=args.resume,
+                                 progress=not args.no_progress, config=config)
+    meta = {
+        "name": MODEL_NAME,
+        "version": f"slice-1.0.{dt.date.today():%Y%m%d}",
+        "classes": list(networks.SLICE_CLASSES),
+        "thresholds": {"nict_max": 0.5, "pct": 0.5},
+        "preprocessing": {"hash": preprocessing_hash(),
+                          "steps": "DICOM: HU -> lung window C-600/W1200 -> uint8; PNG: grey "
+                                   "uint8; then engines.lung.extract -> 200x200 crop -> /255"},
+        "training": {"sources": "covid-ct train split + series " + ",".join(args.series),
+                     "n": len(images.labels), "class_counts": images.counts(),
+                     "epochs": state.epoch, "final_loss": state.losses[-1] if state.losses
+                     else None, "final_train_accuracy": state.accuracies[-1]
+                     if state.accuracies else None, **config},
+    }
+    onnx_path = out / f"{MODEL_NAME}.onnx"
+    check = images.crops[:8, None]
+    meta = common.export_model(net, onnx_path, meta, check)
+    if args.install:
+        for p in (onnx_path, onnx_path.with_suffix(".json")):
+            shutil.copy2(p, MODELS_DIR / p.name)
+    print(json.dumps({"model": str(onnx_path), "version": meta["version"],
+                      "class_counts": images.counts(), "epochs": state.epoch,
+                      "losses": state.losses}, indent=2))
+    return 0

@@ -1,0 +1,91 @@
+"""The HUST-19 CNNs: shape, cost, ONNX export agreement, pickle-free resumable training."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engines import networks
+from engines.backends import OnnxRuntimeBackend
+from engines.training import common
+
+
+def test_paper_shape_and_cost() -> None:
+    net = networks.slice_cnn()
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    dense = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    pools = [m for m in net.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    assert [c.out_channels for c in convs] == [64, 64, 32, 32, 16, 16]
+    assert [d.out_features for d in dense] == [64, 32, 3]
+    assert len(pools) == 3
+    assert net(torch.zeros(2, 1, 200, 200)).shape == (2, 3)
+    assert networks.patient_cnn()(torch.zeros(1, 10, 200, 200)).shape == (1, 3)
+    # the issue quotes about 3.6 GFLOP per slice
+    assert 3.5e9 < networks.flops_per_sample(1) < 3.7e9
+
+
+def test_onnx_export_matches_torch_with_dynamic_batch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = networks.patient_cnn()
+    path = tmp_path / "p.onnx"
+    networks.export_onnx(net, path)
+    backend = OnnxRuntimeBackend(path)
+    assert backend.inputs[0].shape == (-1, 10, 200, 200)
+    for n in (1, 3):
+        x = np.random.default_rng(n).random((n, 10, 200, 200), dtype=np.float32)
+        got = backend.run1(x)
+        want = networks.WithSoftmax(net).eval()(torch.from_numpy(x)).detach().numpy()
+        assert got.shape == (n, 3)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+
+
+def _data(n: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return (rng.integers(0, 256, (n, 1, 200, 200), dtype=np.uint8),
+            np.arange(n, dtype=np.int64) % 3)
+
+
+def _run(out: Path | None, epochs: int, resume: bool) -> tuple[torch.nn.Module, common.TrainState]:
+    common.seed_everything(7)
+    net = networks.slice_cnn()
+    opt = torch.optim.Adam(net.parameters(), lr=networks.SLICE_LR)
+    state = (common.load_checkpoint(out, net, opt) if out and resume else None) \
+        or common.TrainState()
+    x, y = _data()
+    state = common.train_epochs(net, opt, x, y, epochs=epochs, batch_size=3, seed=7, out=out,
+                                state=state, progress=False)
+    return net, state
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_weights_and_checkpoint_has_no_pickle(tmp_path: Path) -> None:
+    straight, s_state = _run(None, 2, False)
+    ck = tmp_path / "ck"
+    _run(ck, 1, False)
+    # the checkpoint is plain arrays + JSON: no pickled object anywhere
+    with zipfile.ZipFile(ck / common.CHECKPOINT_NPZ) as z:
+        assert all(name.endswith(".npy") for name in z.namelist())
+    with np.load(ck / common.CHECKPOINT_NPZ, allow_pickle=False) as d:
+        assert any(k.startswith("opt/") for k in d.files)
+    assert json.loads((ck / common.CHECKPOINT_JSON).read_text())["epoch"] == 1
+    resumed, r_state = _run(ck, 2, True)
+    assert r_state.epoch == 2
+    assert r_state.losses == pytest.approx(s_state.losses, rel=1e-5)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
+                         strict=True):
+        torch.testing.assert_close(a, b, msg=k, rtol=1e-5, atol=1e-6)
+
+
+def test_augment_keeps_channels_aligned() -> None:
+    x = torch.rand(4, 10, 200, 200)
+    x[:, :] = x[:, :1]  # identical channels
+    y = common.augment(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape
+    assert float((y - y[:, :1]).abs().max()) == 0.0
+    assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
