@@ -61,7 +61,7 @@ from pynetdicom.status import (
 
 from agent.config import PacsDestination, Settings
 from agent.uids import is_valid_uid
-from schemas.errors import InputError
+from schemas.errors import InputError, PacsError
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,60 @@ def _write_durably(target: Path, data: bytes, tmp_dir: Path) -> None:
             os.unlink(tmp_name)
         raise
     _fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def _associate(dest: PacsDestination, calling_ae: str, abstract_syntaxes: list[str], *,
+               tls_context: ssl.SSLContext | None, timeout_s: float) -> Iterator[Association]:
+    """An established association with ``dest`` (released on exit); raises
+    :class:`_AssociationFailed` with the reason in words."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    for syntax in abstract_syntaxes:
+        ae.add_requested_context(syntax, TRANSFER_SYNTAXES)
+    heard: list[Any] = []
+
+    def on_acse(event: Any) -> None:
+        heard.append(event.primitive)
+
+    tls_args = (tls_context, dest.host) if tls_context is not None else None
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                             tls_args=tls_args, evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise _AssociationFailed(f"cannot associate: {exc}") from exc
+    if not assoc.is_established:
+        raise _AssociationFailed(_why_not_established(assoc, heard, abstract_syntaxes))
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _why_not_established(assoc: Association, heard: list[Any],
+                         abstract_syntaxes: list[str]) -> str:
+    """The reason an association did not come up, from the ACSE primitives received."""
+    for primitive in heard:
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result not in (None, 0):
+            return (f"association rejected ({primitive.result_str}, source: "
+                    f"{primitive.source_str}, reason: {primitive.reason_str})")
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result == 0:
+            return (f"association accepted but none of the proposed presentation contexts "
+                    f"({', '.join(abstract_syntaxes)} in Explicit/Implicit VR Little "
+                    f"Endian): the destination does not store this SOP class")
+        if isinstance(primitive, A_ABORT):
+            source = primitive.abort_source
+            name = AbortSource(source).name if source in (0, 1, 2) else source
+            return f"association aborted by the peer (A-ABORT, source {name})"
+        if isinstance(primitive, A_P_ABORT):
+            return f"association aborted (A-P-ABORT, reason {primitive.provider_reason})"
+    if not heard:  # pynetdicom flags a failed TCP connect as aborted: say what it was
+        return "no connection (destination down, unreachable or not answering)"
+    if assoc.is_rejected:
+        return "association rejected"
+    return "association aborted"
 
 
 class PacsSender:
@@ -325,63 +379,10 @@ class PacsSender:
                 (folder / f"{delivery.sop_instance_uid}{MARKER_SUFFIX}").unlink(missing_ok=True)
 
     # --- sending ---------------------------------------------------------------------------
-    def _new_ae(self) -> AE:
-        ae = AE(ae_title=self._calling_ae)
-        ae.acse_timeout = self._timeout_s
-        ae.dimse_timeout = self._timeout_s
-        ae.network_timeout = self._timeout_s
-        ae.connection_timeout = self._timeout_s
-        return ae
-
-    @contextlib.contextmanager
     def _associate(self, dest: PacsDestination, abstract_syntaxes: list[str]) \
-            -> Iterator[Association]:
-        """An established association with ``dest`` (released on exit); raises
-        :class:`_AssociationFailed` with the reason in words."""
-        ae = self._new_ae()
-        for syntax in abstract_syntaxes:
-            ae.add_requested_context(syntax, TRANSFER_SYNTAXES)
-        heard: list[Any] = []
-
-        def on_acse(event: Any) -> None:
-            heard.append(event.primitive)
-
-        tls_args = (self._tls_context, dest.host) if self._tls_context is not None else None
-        try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                                 tls_args=tls_args, evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise _AssociationFailed(f"cannot associate: {exc}") from exc
-        if not assoc.is_established:
-            raise _AssociationFailed(self._why_not_established(assoc, heard, abstract_syntaxes))
-        try:
-            yield assoc
-        finally:
-            if assoc.is_established:
-                assoc.release()
-
-    @staticmethod
-    def _why_not_established(assoc: Association, heard: list[Any],
-                             abstract_syntaxes: list[str]) -> str:
-        for primitive in heard:
-            if isinstance(primitive, A_ASSOCIATE) and primitive.result not in (None, 0):
-                return (f"association rejected ({primitive.result_str}, source: "
-                        f"{primitive.source_str}, reason: {primitive.reason_str})")
-            if isinstance(primitive, A_ASSOCIATE) and primitive.result == 0:
-                return (f"association accepted but none of the proposed presentation contexts "
-                        f"({', '.join(abstract_syntaxes)} in Explicit/Implicit VR Little "
-                        f"Endian): the destination does not store this SOP class")
-            if isinstance(primitive, A_ABORT):
-                source = primitive.abort_source
-                name = AbortSource(source).name if source in (0, 1, 2) else source
-                return f"association aborted by the peer (A-ABORT, source {name})"
-            if isinstance(primitive, A_P_ABORT):
-                return f"association aborted (A-P-ABORT, reason {primitive.provider_reason})"
-        if not heard:  # pynetdicom flags a failed TCP connect as aborted: say what it was
-            return "no connection (destination down, unreachable or not answering)"
-        if assoc.is_rejected:
-            return "association rejected"
-        return "association aborted"
+            -> contextlib.AbstractContextManager[Association]:
+        return _associate(dest, self._calling_ae, abstract_syntaxes,
+                          tls_context=self._tls_context, timeout_s=self._timeout_s)
 
     def _send_to(self, dest: PacsDestination, deliveries: list[_Delivery]) -> tuple[int, int]:
         """One association with ``dest`` for ``deliveries``; returns (stored, failed)."""
@@ -509,16 +510,27 @@ class PacsSender:
 
     # --- verification ----------------------------------------------------------------------
     def echo(self, dest: PacsDestination) -> bool:
-        """C-ECHO ``dest``: True when it answered Success (for ``hust19 doctor``)."""
+        """C-ECHO ``dest`` with this sender's AE title and TLS: True when it answered Success
+        (the reason for a False is logged)."""
         try:
-            with self._associate(dest, [Verification]) as assoc:
-                status = assoc.send_c_echo()
-        except _AssociationFailed as exc:
-            logger.error("C-ECHO to PACS %s failed: %s", dest, exc)
-            return False
-        code = int(status.Status) if "Status" in status else None
-        if code != DimseStatus.SUCCESS:
-            logger.error("C-ECHO to PACS %s: %s", dest,
-                         "no response" if code is None else status_meaning(code))
+            echo(dest, self._calling_ae, tls_context=self._tls_context, timeout_s=self._timeout_s)
+        except PacsError as exc:
+            logger.error("%s", exc.message)
             return False
         return True
+
+
+def echo(dest: PacsDestination, calling_ae: str, *, tls_context: ssl.SSLContext | None = None,
+         timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """C-ECHO ``dest`` (for ``hust19 doctor``): returns when it answered Success, raises
+    :class:`PacsError` with the reason in words otherwise."""
+    try:
+        with _associate(dest, calling_ae, [Verification], tls_context=tls_context,
+                        timeout_s=timeout_s) as assoc:
+            status = assoc.send_c_echo()
+    except _AssociationFailed as exc:
+        raise PacsError(f"C-ECHO to PACS {dest} failed: {exc}") from exc
+    code = int(status.Status) if "Status" in status else None
+    if code != DimseStatus.SUCCESS:
+        raise PacsError(f"C-ECHO to PACS {dest}: "
+                        f"{'no response' if code is None else status_meaning(code)}")

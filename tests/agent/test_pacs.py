@@ -25,11 +25,12 @@ from agent.pacs import (
     OUTBOX_SUBDIR,
     DimseStatus,
     PacsSender,
+    echo,
     is_delivered,
     status_meaning,
 )
 from agent.sr import CATEGORY_CODES, TRIAGE_CATEGORY, SrSource, build_sr
-from schemas.errors import InputError
+from schemas.errors import InputError, PacsError
 from tests.agent.test_sr import VERSION, dsrdump, make_result, source_from
 
 PACS_AET = "PACS"
@@ -240,6 +241,15 @@ def test_echo(storescp: Callable[..., StoreScp], tmp_path: Path) -> None:
     down = PacsDestination(host="127.0.0.1", port=free_port(), ae_title=PACS_AET)
     assert sender.echo(down) is False
     assert sender.echo(storescp(refuse=True).destination) is False
+
+
+def test_module_echo_raises_pacs_error_with_the_reason(storescp: Callable[..., StoreScp]) -> None:
+    echo(storescp().destination, CALLING_AET, timeout_s=5)  # Success: returns
+    with pytest.raises(PacsError, match="association rejected"):
+        echo(storescp(refuse=True).destination, CALLING_AET, timeout_s=5)
+    down = PacsDestination(host="127.0.0.1", port=free_port(), ae_title=PACS_AET)
+    with pytest.raises(PacsError, match="no connection"):
+        echo(down, CALLING_AET, timeout_s=5)
 
 
 def test_enqueue_refuses_a_dataset_without_valid_uids(tmp_path: Path) -> None:
