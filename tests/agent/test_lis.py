@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,7 @@ def test_window_and_undated_policy(lis_url: str) -> None:
         assert far.values["CRP"].value == 5.0 and far.undated == 2
         no_date = client.lookup("W1")
         assert no_date.window == (None, None) and no_date.values["CRP"].value == 99.0
-    ignore = LisMapping(**{**LisMapping.reference().__dict__, "undated": "ignore"})
+    ignore = replace(LisMapping.reference(), undated="ignore")
     with LisClient(lis_url, ignore) as strict:
         got = strict.lookup("W1", STUDY)
         assert "ALT" not in got.values and got.undated == 0 and got.values["CRP"].value == 12.0
@@ -326,3 +327,25 @@ def test_full_ictcf_import_into_postgresql(postgres_url: str, ictcf: Path) -> No
     assert (stats.patients, stats.results) == (1276, 61000)
     assert count_results(postgres_url) == 61000
     print(f"full iCTCF import into PostgreSQL: {stats.seconds:.2f} s")
+
+
+def test_cf_inputs_equal_the_training_loader(client: LisClient, loaded: str,
+                                             ictcf: Path) -> None:
+    """What the LIS path gives ``engines.cf.vectorise`` equals what the CF model was trained
+    on (``engines.ictcf`` reading the CSV files), for every imported patient."""
+    import numpy as np
+
+    from engines.cf import vectorise
+    from engines.ictcf import load_cohort
+
+    engine = create_engine(loaded)
+    try:
+        with engine.connect() as conn:
+            ids = set(conn.execute(select(LisPatient.patient_id)).scalars())
+    finally:
+        engine.dispose()
+    cohort = [p for p in load_cohort(ictcf).patients if p.patient_id in ids]
+    assert len(cohort) == SUBSET + len(LIYUAN)
+    for patient in cohort:
+        got = vectorise(client.lookup(patient.patient_id, STUDY).values)
+        assert np.array_equal(got, vectorise(patient.values)), patient.patient_id
