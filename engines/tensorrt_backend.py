@@ -324,6 +324,9 @@ class TensorRTBackend(InferenceBackend):
         except self._cuda.Error as exc:
             raise BackendUnavailable(f"CUDA error while loading {model_path.name}: {exc}") \
                 from exc
+        except Exception as exc:  # TensorRT's bindings raise untyped errors (RuntimeError...)
+            raise BackendUnavailable(f"TensorRT failed while loading {model_path.name}: "
+                                     f"{exc!r}") from exc
         finally:
             self._ctx.pop()
 
