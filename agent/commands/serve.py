@@ -1,0 +1,60 @@
+"""``hust19 serve``: run the agent (today the ingest role: DICOM listener, spool, outbox,
+series completion) until SIGINT or SIGTERM, then stop cleanly.
+
+The flags are the shared settings flags (:mod:`agent.commands.common`), a public contract:
+``--data-dir``, ``--port``, ``--ae-title``, ``--allow-ae`` (repeatable), ``--bus``...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from agent.app import Agent
+from agent.commands.common import add_settings_args, settings_from_args
+
+logger = logging.getLogger(__name__)
+
+ROLES_SERVE = frozenset({"ingest"})
+"""What ``serve`` runs; the worker role joins when it exists."""
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser("serve", help="run the agent: DICOM listener -> bus (-> worker)",
+                            description=__doc__)
+    add_settings_args(parser)
+    parser.set_defaults(func=run)
+
+
+def run_until_signal(agent: Agent) -> int:
+    """Start ``agent``, block until SIGINT/SIGTERM, stop it; returns the exit status."""
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        agent.start()
+        logger.info("agent running (pid %d); stop with Ctrl-C or SIGTERM",
+                    os.getpid())
+        while not stop.wait(1.0):
+            pass
+        logger.info("received %s: stopping", signal.Signals(received[0]).name)
+    finally:
+        agent.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    return run_until_signal(Agent(settings, roles=ROLES_SERVE))

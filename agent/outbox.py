@@ -1,0 +1,216 @@
+"""The outbox: publishes spooled instances (and series-completion events) to the bus.
+
+The spool index is the queue: rows with ``published_at IS NULL`` in arrival order. One
+background thread takes a batch, sends each instance to ``dicom.instances`` (key =
+SeriesInstanceUID, value = the Part-10 file bytes as spooled, headers = schema version and
+UIDs), calls ``producer.flush()`` and only when that returned marks the batch published. A crash
+between flush and mark means the batch is sent again after restart: at-least-once, and a
+duplicate is harmless downstream (the SOP Instance UID is in the headers).
+
+If the bus is down the SCP keeps accepting into the spool; the outbox retries with
+exponential backoff (``BACKOFF_INITIAL_S`` doubling up to ``BACKOFF_MAX_S``, a new producer each
+time) and catches up when the bus returns. After each pass it asks the
+:class:`agent.series.SeriesTracker` which series are complete and publishes their events on
+``dicom.series`` through the same producer, after their instances (flush, then mark).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from datetime import UTC, datetime
+from typing import Final
+
+from agent.bus import Bus, Headers, Producer
+from agent.series import SeriesTracker
+from agent.spool import Spool, SpooledInstance, SpoolError
+from schemas import topics
+from schemas.errors import Hust19Error
+from schemas.messages import SERIES_SCHEMA, InstanceHeaders, SeriesEvent, dump_json
+
+logger = logging.getLogger(__name__)
+
+BATCH_MAX: Final = 64
+"""Instances per send-and-flush round."""
+BATCH_MAX_BYTES: Final = 16 << 20
+"""About this many bytes per round (kafka-python's default buffer is 32 MiB)."""
+POLL_S: Final = 0.2
+"""Idle wake-up period (series quiet timers are checked this often)."""
+BACKOFF_INITIAL_S: Final = 0.5
+BACKOFF_MAX_S: Final = 30.0
+FLUSH_TIMEOUT_S: Final = 60.0
+
+
+def instance_headers(instance: SpooledInstance) -> Headers:
+    """The ``dicom.instances`` headers of a spooled instance (validated by the model)."""
+    model = InstanceHeaders(
+        study_uid=instance.study_uid, series_uid=instance.series_uid,
+        sop_instance_uid=instance.sop_instance_uid, sop_class_uid=instance.sop_class_uid,
+        transfer_syntax_uid=instance.transfer_syntax_uid, calling_ae=instance.calling_ae,
+        received_at=datetime.fromtimestamp(instance.received_at, UTC))
+    return [
+        (topics.H_SCHEMA, model.schema_.encode()),
+        (topics.H_STUDY_UID, model.study_uid.encode()),
+        (topics.H_SERIES_UID, model.series_uid.encode()),
+        (topics.H_SOP_INSTANCE_UID, model.sop_instance_uid.encode()),
+        (topics.H_SOP_CLASS_UID, model.sop_class_uid.encode()),
+        (topics.H_TRANSFER_SYNTAX, model.transfer_syntax_uid.encode()),
+        (topics.H_CALLING_AE, model.calling_ae.encode()),
+        (topics.H_RECEIVED_AT, model.received_at.isoformat().encode()),
+    ]
+
+
+def series_headers(event: SeriesEvent) -> Headers:
+    """The ``dicom.series`` headers: schema version and UIDs (the value is the JSON)."""
+    return [(topics.H_SCHEMA, SERIES_SCHEMA.encode()),
+            (topics.H_STUDY_UID, event.study_uid.encode()),
+            (topics.H_SERIES_UID, event.series_uid.encode())]
+
+
+class Outbox:
+    """Spool -> bus publisher thread. :meth:`publish_pending` does one synchronous pass (also
+    usable without the thread); :meth:`start`/:meth:`stop` run it in the background."""
+
+    def __init__(self, spool: Spool, bus: Bus, tracker: SeriesTracker | None = None) -> None:
+        self.spool = spool
+        self.bus = bus
+        self.tracker = tracker
+        self._producer: Producer | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._backoff = BACKOFF_INITIAL_S
+        self._topics_ready = False
+        self.published = 0
+        self.series_events = 0
+        self.last_error: str | None = None
+
+    # -- one pass ------------------------------------------------------------------------
+
+    def _get_producer(self) -> Producer:
+        if self._producer is None:
+            self._producer = self.bus.producer()
+        return self._producer
+
+    def _drop_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                producer.close()
+
+    def publish_pending(self) -> int:
+        """Publish every pending instance (batch by batch), then the due series events.
+        Returns the number of instances published; raises ``Hust19Error`` (``BusError``)
+        when the bus fails: what was flushed before stays marked."""
+        if not self._topics_ready:
+            self.bus.ensure_topics([topics.DICOM_INSTANCES, topics.DICOM_SERIES])
+            self._topics_ready = True
+        total = 0
+        while True:
+            batch = self.spool.pending(BATCH_MAX, BATCH_MAX_BYTES)
+            if not batch:
+                break
+            total += self._publish_batch(batch)
+        self._publish_series()
+        return total
+
+    def _publish_batch(self, batch: list[SpooledInstance]) -> int:
+        producer = self._get_producer()
+        sent: list[SpooledInstance] = []
+        for instance in batch:
+            try:
+                value = self.spool.read(instance)
+            except SpoolError as exc:
+                logger.error("outbox: %s; this instance cannot be published and is taken out "
+                             "of the queue", exc.message)
+                self.spool.mark_failed(instance.id, exc.message)
+                continue
+            producer.send(topics.DICOM_INSTANCES, instance.series_uid.encode(), value,
+                          instance_headers(instance))
+            sent.append(instance)
+        producer.flush(FLUSH_TIMEOUT_S)
+        self.spool.mark_published([i.id for i in sent])
+        self.published += len(sent)
+        if sent:
+            logger.debug("outbox: published %d instances (series %s)", len(sent),
+                         ", ".join(sorted({i.series_uid for i in sent})))
+        return len(sent)
+
+    def _publish_series(self) -> None:
+        if self.tracker is None:
+            return
+        events = self.tracker.due()
+        if not events:
+            return
+        producer = self._get_producer()
+        for event in events:
+            producer.send(topics.DICOM_SERIES, event.series_uid.encode(), dump_json(event),
+                          series_headers(event))
+        producer.flush(FLUSH_TIMEOUT_S)
+        for event in events:
+            self.tracker.completed(event)
+            self.series_events += 1
+
+    # -- background thread ---------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Something was spooled: publish soon."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Start the publisher thread."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="hust19-outbox", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.publish_pending()
+            except Exception as exc:
+                self._failed(exc)
+                if self._stop.wait(self._backoff):
+                    break
+                self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+                continue
+            if self.last_error is not None:
+                logger.info("outbox: bus reachable again (%s); caught up", self.bus.describe())
+                self.last_error = None
+            self._backoff = BACKOFF_INITIAL_S
+            if self._stop.is_set():
+                break
+            self._wake.wait(POLL_S)
+            self._wake.clear()
+
+    def _failed(self, exc: Exception) -> None:
+        message = exc.message if isinstance(exc, Hust19Error) else f"{type(exc).__name__}: {exc}"
+        if message != self.last_error:
+            log = logger.warning if isinstance(exc, Hust19Error) else logger.error
+            log("outbox: cannot publish (%s); %d instances wait in the spool, retrying with "
+                "backoff (the listener keeps accepting)", message, self.spool.pending_count(),
+                exc_info=not isinstance(exc, Hust19Error))
+        self.last_error = message
+        self._drop_producer()
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Stop the thread after a last pass over what is pending (waiting at most
+        ``timeout_s``). Returns ``True`` if nothing is left unpublished; what is left stays in
+        the spool and is published at the next start."""
+        thread, self._thread = self._thread, None
+        self._stop.set()
+        self._wake.set()
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive():
+                logger.warning("outbox: still blocked on the bus after %.0f s at shutdown; "
+                               "leaving it", timeout_s)
+                return False
+        left = self.spool.pending_count()
+        if left:
+            logger.warning("outbox stopped with %d instances not yet on the bus; they stay in "
+                           "the spool and are published at the next start", left)
+        self._drop_producer()
+        return left == 0
