@@ -131,10 +131,13 @@ def create_backend(model_path: Path, backend: BackendName = "auto", *,
             try:
                 from engines.tensorrt_backend import TensorRTBackend
 
-                return TensorRTBackend(model_path, cache_dir=cache_dir)
+                trt_backend = TensorRTBackend(model_path, cache_dir=cache_dir)
+                log.info("model %s runs on TensorRT", model_path.name)
+                return trt_backend
             except BackendUnavailable as exc:
                 log.warning("TensorRT backend failed for %s, falling back to ONNX Runtime: %s",
                             model_path.name, exc)
         elif backend == "tensorrt":
             log.warning("TensorRT requested but not usable (%s); using ONNX Runtime", why)
+    log.info("model %s runs on ONNX Runtime (CPU)", model_path.name)
     return OnnxRuntimeBackend(model_path)
