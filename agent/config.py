@@ -77,6 +77,9 @@ class Settings(BaseModel):
     # Worker
     lis: str | None = Field(None, description="SQLAlchemy URL of the LIS; default: SQLite file "
                             "lis.sqlite in data_dir.")
+    lis_mapping: Path | None = Field(None, description="TOML file mapping the hospital's own "
+                                     "LIS tables or SQL query and test codes onto the "
+                                     "clinical-feature catalogue; default: the reference schema.")
     lis_window_days: float = Field(7.0, ge=0, description="Lab results are taken from this many "
                                    "days before and after the study date.")
     lis_retry_s: float = Field(0.0, ge=0, description="If > 0, retry a failed or empty LIS "
@@ -185,7 +188,8 @@ def example_toml() -> str:
                        "allow_ae": '["CT_SCANNER1", "CT_SCANNER2"]',
                        "pacs": '["pacs.example.org:104:PACS"]',
                        "lis": '"postgresql+psycopg://hust19@lis-db.example.org/lis"',
-                       "engine_cache": '"/var/lib/hust19/engines"'}.get(name, '""')
+                       "engine_cache": '"/var/lib/hust19/engines"',
+                       "lis_mapping": '"/etc/hust19/lis-mapping.toml"'}.get(name, '""')
             lines.append(f"# {name} = {example}")
         else:
             lines.append(f"{name} = {_toml_value(default)}")

@@ -510,20 +510,23 @@ class TriageWorker:
             try:
                 lookup = self.lis.lookup(patient_id, _study_date(header))
             except LisError as exc:
-                log.warning("patient %s: LIS lookup failed, triage is CT-only: %s", patient_id,
-                            exc.message)
+                log.warning("study %s: LIS lookup failed, triage is CT-only: %s",
+                            header.get("StudyInstanceUID", ""), exc.message)
                 return None, f"LIS unreachable: {exc.message}"
         if not lookup.patient_found:
-            return None, f"patient {patient_id} not found in the LIS"
+            return None, "patient not found in the LIS"
         from schemas.features import by_code
 
         catalogue = by_code()
         labs = [c for c in lookup.values if c in catalogue and catalogue[c].kind in LAB_KINDS]
         if not labs:
-            return None, f"no lab values for patient {patient_id} in the window"
+            return None, "no lab values for the patient in the window"
         vector = vectorise(lookup.values)
         proba = self.models.cf.predict(vector[None, :])[0]
         note = []
+        if lookup.undated:
+            note.append(f"{lookup.undated} lab value(s) without collection time used "
+                        "(not time-matched to the study)")
         if lookup.unit_mismatches:
             note.append(f"unit mismatches not used: {', '.join(lookup.unit_mismatches)}")
         return np.asarray(proba), ("; ".join(note) or None)

@@ -31,6 +31,7 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--series-quiet-s", type=float, help="quiet time after release")
     g.add_argument("--series-max-quiet-s", type=float, help="quiet time regardless")
     g.add_argument("--lis", help="SQLAlchemy URL of the LIS")
+    g.add_argument("--lis-mapping", type=Path, help="TOML mapping of the hospital's LIS")
     g.add_argument("--pacs", action="append", metavar="HOST:PORT:AET",
                    help="SR destination (repeatable)")
     g.add_argument("--threshold", choices=["general", "sensitive"])
