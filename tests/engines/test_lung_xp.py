@@ -35,7 +35,7 @@ def test_numpy_batch_is_bit_exact(series: str, request: pytest.FixtureRequest) -
         assert got[k].area == want.area and got[k].area_fraction == want.area_fraction
 
 
-def test_mixed_crop_sizes_group_and_match(p002_slices: np.ndarray) -> None:
+def test_mixed_crop_sizes_group_and_match(p002_slices: np.ndarray) -> None:  # noqa: F811
     """Slices whose square crops differ (black margins) are grouped by size; still exact."""
     base = p002_slices[CRANIAL + 1]
     framed = np.zeros_like(base)
@@ -53,7 +53,7 @@ def test_mixed_crop_sizes_group_and_match(p002_slices: np.ndarray) -> None:
 
 @pytest.mark.parametrize("side", [512, 333, 999, 200, 150, 115])
 def test_resize_matches_opencv_inter_linear(side: int) -> None:
-    """Down-scaling (every DICOM slice) is bit-exact; up-scaling (small PNGs) within 1 grey level."""
+    """Down-scaling (DICOM slices) is bit-exact; up-scaling (small PNGs) within 1 grey level."""
     rng = np.random.default_rng(side)
     images = rng.integers(0, 256, size=(2, side, side), dtype=np.uint8)
     ours = _resize(np, images)
@@ -69,7 +69,7 @@ def test_resize_matches_opencv_inter_linear(side: int) -> None:
 
 
 @pytest.mark.gpu
-def test_cupy_matches_cpu(p002_slices: np.ndarray) -> None:
+def test_cupy_matches_cpu(p002_slices: np.ndarray) -> None:  # noqa: F811
     """With a GPU: the CuPy run matches the NumPy run (mask IoU >= 0.99 on every lung slice)."""
     cupy = pytest.importorskip("cupy", reason="CuPy absent: would check GPU/CPU mask parity")
     try:

@@ -1,4 +1,4 @@
-"""engines.preprocess on real DICOM (chest-ct-series, lungmask-samples) and the public PNG slices."""
+"""engines.preprocess on real DICOM (chest-ct-series, lungmask-samples) and public PNG slices."""
 
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def test_load_image_u8_rgba_and_grey(shared_data: Path, name: str) -> None:
 def test_load_image_u8_bad_file(tmp_path: Path) -> None:
     bad = tmp_path / "not-an-image.png"
     bad.write_bytes(b"plain text")
-    with pytest.raises(InputError, match="not-an-image.png"):
+    with pytest.raises(InputError, match=r"not-an-image\.png"):
         load_image_u8(bad)
-    with pytest.raises(InputError, match="missing.png"):
+    with pytest.raises(InputError, match=r"missing\.png"):
         load_image_u8(tmp_path / "missing.png")

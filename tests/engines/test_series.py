@@ -66,7 +66,7 @@ def test_lung_pet_ct_dx_is_cranial_first(shared_data: Path) -> None:
 
 
 def _tilted(headers: list[pydicom.Dataset], degrees: float) -> list[pydicom.Dataset]:
-    """Copies re-written as a gantry-tilted acquisition: slice plane tilted about x, table along z."""
+    """Copies re-written as a gantry-tilted acquisition: plane tilted about x, table along z."""
     t = np.radians(degrees)
     out = []
     for ds in headers:
