@@ -117,16 +117,26 @@ def _bus(settings: Settings) -> Finding:
 
 
 def _lis(settings: Settings) -> Finding:
-    from agent.lis import LisClient
+    from agent.lis import open_lis
+    from schemas.features import catalogue
 
     try:
-        client = LisClient(settings.lis_url, window_days=settings.lis_window_days)
+        client = open_lis(settings)
+    except Hust19Error as exc:
+        return Finding("lis", "fail", f"LIS settings unusable: {exc.message}")
+    try:
         client.ping()
-        coverage = client.coverage()
     except Hust19Error as exc:
         return Finding("lis", "fail", f"LIS not reachable: {exc.message} (triage will run "
                        "CT-only until it is)")
-    return Finding("lis", "ok", f"LIS reachable; {coverage}")
+    finally:
+        client.close()
+    wanted = {f.code for f in catalogue() if f.kind == "lab"}
+    covered = wanted & set(client.mapping.code_map().values())
+    level: Level = "ok" if covered else "fail"
+    return Finding("lis", level, f"LIS {client.display_url} reachable ({client.mapping.source});"
+                   f" the mapping covers {len(covered)} of {len(wanted)} lab features of the CF "
+                   "model")
 
 
 def _pacs(settings: Settings) -> list[Finding]:

@@ -54,6 +54,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
+from agent.config import Settings
 from agent.lis_mapping import (
     PATIENT_COLUMNS,
     RESULT_COLUMNS,
@@ -459,3 +460,10 @@ def _patient_values(patient: Mapping[str, Any], study_date: datetime | date | No
     put(UDIS, None if text_ in UNKNOWN_TEXT else 0.0 if text_ in NO_DISEASE else 1.0,
         "underlying_diseases")
     return out
+
+
+def open_lis(settings: Settings) -> LisClient:
+    """The LIS the settings name: ``lis_url`` with the ``lis_mapping`` file (or the reference
+    schema) and the lab window. Raises :class:`ConfigError` for a bad mapping file."""
+    mapping = LisMapping.load(settings.lis_mapping) if settings.lis_mapping else None
+    return LisClient(settings.lis_url, mapping, window_days=settings.lis_window_days)
