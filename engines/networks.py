@@ -109,6 +109,7 @@ def export_onnx(net: Hust19Cnn, path: Path) -> None:
 
     Input ``image`` float32 (N, C, 200, 200) in [0, 1]; output ``proba`` float32 (N, 3).
     """
+    net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     net.eval()
     model = WithSoftmax(net).eval()
     dummy = torch.zeros(1, net.channels, IMAGE_SIZE, IMAGE_SIZE)

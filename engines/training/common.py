@@ -154,6 +154,8 @@ def train_epochs(net: nn.Module, opt: torch.optim.Optimizer, images: np.ndarray,
     if n == 0:
         raise EngineError("no training samples")
     target_t = torch.from_numpy(targets)
+    # channels-last convolutions run about 1.5x faster on CPU (oneDNN) for this network
+    net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     for epoch in range(state.epoch, epochs):
         gen = torch.Generator().manual_seed(seed + epoch)
         torch.manual_seed(seed + epoch)  # dropout masks
@@ -168,6 +170,7 @@ def train_epochs(net: nn.Module, opt: torch.optim.Optimizer, images: np.ndarray,
             x = convert(images[idx])
             if do_augment:
                 x = augment(x, gen)
+            x = x.contiguous(memory_format=torch.channels_last)
             y = target_t[idx]
             opt.zero_grad()
             logits = net(x)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
+from engines import lung, preprocess
 from schemas.errors import InputError
 
 if TYPE_CHECKING:
@@ -104,8 +105,6 @@ def series_sources(data: Path, series: str) -> list[SliceSource]:
 
 def preprocessing_hash() -> str:
     """Short hash of the pre-processing source code (cache key, recorded in the metadata)."""
-    from engines import lung, preprocess
-
     h = hashlib.sha256()
     for module in (preprocess, lung):
         h.update(inspect.getsource(module).encode())
@@ -133,8 +132,6 @@ class SliceSet:
 
 def load_u8(src: SliceSource) -> np.ndarray:
     """The runtime's grey image for a source (PNG reader or DICOM + lung window)."""
-    from engines import preprocess
-
     if src.kind == "png":
         return preprocess.load_image_u8(src.path)
     import pydicom
@@ -157,8 +154,6 @@ def preprocess_sources(sources: list[SliceSource], cache: Path | None = None,
                        progress: bool = True) -> SliceSet:
     """Run the runtime pre-processing on every source (cached in ``cache`` when given)."""
     from tqdm import tqdm
-
-    from engines import lung
 
     keys = np.array([s.key for s in sources])
     if cache is not None and cache.is_file():

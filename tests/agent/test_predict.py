@@ -1,0 +1,58 @@
+"""``hust19 predict``: offline triage of a real series folder, and its bad-input exits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HUST19 = [sys.executable, "-m", "agent.cli"]
+
+
+def _predict(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*HUST19, "predict", *args], capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+def test_empty_folder_exits_2_with_one_line(tmp_path: Path) -> None:
+    proc = _predict(str(tmp_path))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "empty folder" in proc.stderr
+
+
+def test_folder_without_dicom_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a CT slice")
+    proc = _predict(str(tmp_path))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "no CT image" in proc.stderr
+
+
+@pytest.mark.slow
+def test_p002_subset_with_junk_file(tmp_path: Path, chest_series: Path) -> None:
+    """40 slices of P002 (empty SOP Instance UIDs) plus a non-DICOM file: the junk file is
+    skipped with a warning, ids fall back to file names, the JSON carries the contract."""
+    src = sorted((chest_series / "P002").iterdir())[30:70]
+    for f in src:
+        shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "README.txt").write_text("junk")
+    proc = _predict(str(tmp_path), "--threshold", "sensitive", "--backend", "onnxruntime")
+    assert proc.returncode == 0, proc.stderr
+    assert "README.txt" in proc.stderr and "file names" in proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["flag"] in ("control", "type1", "type2")
+    assert out["flag"] == out["flags"]["sensitive"]
+    assert set(out["scores"]) == {"control", "type1", "type2"}
+    assert out["modalities"] == {"ct": True, "cf": False, "missing": ["cf"]}
+    assert out["mode"] == "ct_only"
+    top = out["top10_sop_instance_uids"]
+    assert 1 <= len(top) <= 10
+    assert all(u.startswith("file:IM") for u in top)
+    assert out["ct"]["n_slices"] == 40
+    assert out["models"]["slice"].startswith("slice-")
+    assert out["models"]["patient"].startswith("patient-")

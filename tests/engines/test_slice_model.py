@@ -1,0 +1,60 @@
+"""The shipped slice model at run time: metadata, checksum, micro-batching, real slices."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from engines import lung, preprocess
+from engines.slice_model import MODELS_DIR, NICT, PCT, SliceModel, load_metadata
+from schemas.errors import EngineError
+
+
+def test_metadata_matches_the_shipped_file() -> None:
+    meta = load_metadata(MODELS_DIR / "slice.onnx")
+    assert meta["classes"] == ["NiCT", "pCT", "nCT"]
+    assert meta["thresholds"]["nict_max"] == 0.5
+    assert meta["opset"] >= 17
+    assert meta["input"]["shape"] == ["batch", 1, 200, 200]
+
+
+def test_a_tampered_model_is_refused(tmp_path: Path) -> None:
+    onnx = tmp_path / "slice.onnx"
+    shutil.copy(MODELS_DIR / "slice.onnx", onnx)
+    meta = json.loads((MODELS_DIR / "slice.json").read_text())
+    meta["sha256"] = "0" * 64
+    (tmp_path / "slice.json").write_text(json.dumps(meta))
+    with pytest.raises(EngineError, match="checksum"):
+        SliceModel.load(onnx, "onnxruntime")
+
+
+def test_micro_batches_agree_with_one_batch() -> None:
+    crops = np.random.default_rng(0).integers(0, 256, (5, 200, 200), dtype=np.uint8)
+    a = SliceModel.load(backend="onnxruntime", batch_size=2).score(crops)
+    b = SliceModel.load(backend="onnxruntime", batch_size=8).score(crops)
+    assert a.shape == (5, 3)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(EngineError):
+        SliceModel.load(backend="onnxruntime").score(crops[:, :100])
+
+
+def test_real_slices_apex_is_nict_and_infected_slice_is_pct(chest_series: Path) -> None:
+    """P002 slice label index 0 (above the lungs) and the most clearly infected labelled slice:
+    the shipped model must call the first NiCT and give the second a higher pCT score."""
+    import csv
+
+    rows = list(csv.DictReader((chest_series / "P002-slices.csv").open()))
+    rows.sort(key=lambda r: int(r["label_index"]))
+    infected = [r for r in rows if r["infection"] == "1"]
+    picks = [rows[0], infected[len(infected) // 2]]
+    crops = np.stack([lung.extract(preprocess.dataset_to_u8(
+        pydicom.dcmread(chest_series / "P002" / r["file"]))).crop for r in picks])
+    proba = SliceModel.load(backend="onnxruntime").score(crops)
+    assert proba[0, NICT] > 0.5
+    assert proba[1, NICT] <= 0.5
+    assert proba[1, PCT] > proba[0, PCT]

@@ -1,0 +1,105 @@
+"""SeriesScorer (streaming CT scoring) and decide() on real slices and the shipped models."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from engines import preprocess
+from engines.patient_model import PatientModel, select_top, stack
+from engines.slice_model import SliceModel
+from engines.triage import NO_USABLE_SLICE, SeriesScorer, SliceInput, decide, order_key
+from schemas.errors import InputError
+
+N_SLICES = 24
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[SliceModel, PatientModel]:
+    return SliceModel.load(backend="onnxruntime"), PatientModel.load(backend="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def p002_inputs(chest_series: Path) -> list[SliceInput]:
+    """Every 4th slice of P002 from the upper chest down (24 slices), file names as ids (the
+    series has empty SOP Instance UIDs), order key = label index (cranio-caudal)."""
+    rows = sorted(csv.DictReader((chest_series / "P002-slices.csv").open()),
+                  key=lambda r: int(r["label_index"]))[20::4][:N_SLICES]
+    return [SliceInput(r["file"], float(r["label_index"]), preprocess.dataset_to_u8(
+        pydicom.dcmread(chest_series / "P002" / r["file"]))) for r in rows]
+
+
+def test_streaming_order_and_batching_do_not_change_the_result(
+        models: tuple[SliceModel, PatientModel], p002_inputs: list[SliceInput]) -> None:
+    one = SeriesScorer(*models, series_uid="P002")
+    one.add_slices(p002_inputs)
+    a = one.finish()
+    shuffled = [p002_inputs[i] for i in np.random.default_rng(3).permutation(N_SLICES)]
+    many = SeriesScorer(*models, series_uid="P002")
+    for start in range(0, N_SLICES, 5):
+        many.add_slices(shuffled[start:start + 5])
+    b = many.finish()
+    assert a.proba is not None and b.proba is not None
+    np.testing.assert_allclose(a.proba, b.proba, atol=1e-5)
+    assert a.top_uids == b.top_uids
+    assert a.n_slices == b.n_slices == N_SLICES
+    assert 0 < len(a.top_uids) <= 10
+
+
+def test_selection_and_stack_equal_the_batch_definition(
+        models: tuple[SliceModel, PatientModel], p002_inputs: list[SliceInput]) -> None:
+    """The streaming top-10 equals select_top over all scores, in slice order."""
+    from engines import lung
+
+    slice_model, patient_model = models
+    scorer = SeriesScorer(slice_model, patient_model)
+    scorer.add_slices(p002_inputs)
+    result = scorer.finish()
+    crops = np.stack([lung.extract(s.image_u8).crop for s in p002_inputs])
+    scores = slice_model.score(crops)
+    chosen = select_top(scores, [s.order_key for s in p002_inputs])
+    assert result.top_uids == tuple(p002_inputs[i].uid for i in chosen)
+    assert result.proba is not None
+    np.testing.assert_allclose(result.proba, patient_model.score(stack(crops[chosen])),
+                               atol=1e-5)
+    keys = [s.order_key for s in result.slices]
+    assert keys == sorted(keys)
+
+
+def test_blank_slices_give_no_ct_result(models: tuple[SliceModel, PatientModel]) -> None:
+    scorer = SeriesScorer(*models, series_uid="blank")
+    scorer.add_slices([SliceInput(f"b{i}", float(i), np.zeros((512, 512), np.uint8))
+                       for i in range(3)])
+    result = scorer.finish()
+    assert result.proba is None
+    assert result.reason == NO_USABLE_SLICE
+    assert result.to_dict()["scores"] is None
+
+
+def test_add_datasets_needs_ids_when_sop_uid_is_empty(
+        models: tuple[SliceModel, PatientModel], chest_series: Path) -> None:
+    ds = pydicom.dcmread(next(iter(sorted((chest_series / "P002").iterdir()))))
+    assert not ds.SOPInstanceUID
+    assert order_key(ds) is not None
+    scorer = SeriesScorer(*models, series_uid="P002")
+    with pytest.raises(InputError, match="SOP Instance UID"):
+        scorer.add_datasets([ds])
+    assert len(scorer.add_datasets([ds], uids=["file:x"])) == 1
+
+
+def test_decide_ct_only_and_missing_everything() -> None:
+    from engines.fusion import DEFAULT_JSON
+
+    if not DEFAULT_JSON.is_file():
+        pytest.fail(f"the shipped fusion model {DEFAULT_JSON} is missing")
+    d = decide(np.array([0.1, 0.6, 0.3]), None, "general")
+    assert d.mode == "ct_only"
+    assert d.flag == d.flag_general
+    assert d.flag in ("control", "type1", "type2")
+    assert decide(np.array([0.1, 0.6, 0.3]), None, "sensitive").flag == d.flag_sensitive
+    with pytest.raises(InputError):
+        decide(None, None)
