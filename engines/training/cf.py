@@ -20,6 +20,7 @@ import csv
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -173,10 +174,12 @@ def export_onnx(net: Any, n_inputs: int, path: Path) -> None:
     wrapped = WithSoftmax(net).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros((2, n_inputs), dtype=torch.float32)
-    torch.onnx.export(wrapped, (dummy,), str(path), input_names=[INPUT_NAME],
-                      output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET,
-                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                      dynamo=False)
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated, still exact here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(wrapped, (dummy,), str(path), input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          dynamo=False)
     onnx.checker.check_model(onnx.load(str(path)))
 
 
