@@ -133,3 +133,15 @@ def test_bus_down_while_series_arrives_then_caught_up(
         except subprocess.TimeoutExpired:
             broker.kill()
             broker.wait(10)
+
+
+@pytest.mark.slow
+def test_demo_sends_the_sample_and_prints_what_arrived(tmp_path: Path) -> None:
+    result = subprocess.run([*HUST19, "demo", "--data-dir", str(tmp_path / "d")],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "topic dicom.instances: 30 messages" in out
+    assert "30 instances (30 messages on the bus), generation 1, reason quiet_after_release" \
+        in out
+    assert "quarantined: 0" in out
