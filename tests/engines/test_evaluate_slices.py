@@ -81,3 +81,21 @@ def test_cli_unreadable_image_exits_2_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "broken.png" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cv_slice_runs_every_fold_and_summarises(tmp_path: Path, shared_data: Path) -> None:
+    """A feasibility-sized CV (2 folds x 1 repeat, 1 epoch, a few slices per source): every
+    fold is scored and every measure gets mean/std/min/max."""
+    out = tmp_path / "cv.json"
+    proc = subprocess.run([*HUST19, "evaluate", "cv", "slice", "--data", str(shared_data),
+                           "--limit", "4", "--folds", "2", "--repeats", "1", "--epochs", "1",
+                           "--batch-size", "8", "--cache", str(tmp_path), "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)["summary"]
+    for key in ("auc", "sn", "sp", "ac", "f1", "mcc"):
+        assert set(summary[key]) >= {"mean", "std", "min", "max"}
+    folds = json.loads(out.read_text())["folds"]
+    assert [(f["repeat"], f["fold"]) for f in folds] == [(0, 0), (0, 1)]

@@ -89,3 +89,27 @@ def test_augment_keeps_channels_aligned() -> None:
     assert y.shape == x.shape
     assert float((y - y[:, :1]).abs().max()) == 0.0
     assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+
+
+@pytest.mark.slow
+def test_train_slice_cli_tiny_run_exports_and_resumes(tmp_path: Path, shared_data: Path) -> None:
+    """`hust19 train slice` on 2 slices per source/label for 1 epoch: ONNX + metadata out;
+    a resumed run to epoch 2 continues from the checkpoint instead of starting over."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "agent.cli", "train", "slice", "--data", str(shared_data),
+           "--out", str(tmp_path), "--limit", "2", "--batch-size", "4", "--no-progress"]
+    first = subprocess.run([*cmd, "--epochs", "1"], capture_output=True, text=True,
+                           timeout=300, check=False)
+    assert first.returncode == 0, first.stderr
+    meta = json.loads((tmp_path / "slice.json").read_text())
+    assert meta["classes"] == ["NiCT", "pCT", "nCT"]
+    assert meta["export_check_max_abs_diff"] < 1e-4
+    assert OnnxRuntimeBackend(tmp_path / "slice.onnx").inputs[0].shape == (-1, 1, 200, 200)
+    second = subprocess.run([*cmd, "--epochs", "2", "--resume"], capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert second.returncode == 0, second.stderr
+    assert "resuming" in second.stderr
+    state = json.loads((tmp_path / common.CHECKPOINT_JSON).read_text())
+    assert state["epoch"] == 2 and len(state["losses"]) == 2
