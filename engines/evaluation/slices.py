@@ -2,7 +2,8 @@
 
 ``FILE`` has the columns ``path,label``; ``label`` is one of pCT / nCT / NiCT, or COVID /
 NonCOVID (COVID = pCT, NonCOVID = not pCT). A relative ``path`` is looked up first in the
-folder that holds ``FILE``, then in its parent. Every image goes through the runtime
+folder that holds ``FILE``, then in its parent. Images may be PNG/JPEG slices or DICOM CT
+slices (HU -> lung window). Every image goes through the runtime
 pre-processing (grey 8-bit -> lung extraction -> 200x200 crop) and the shipped ONNX slice model.
 
 The JSON printed on stdout has the paper's measures for pCT vs the rest at the 0.5 cut as
@@ -36,6 +37,8 @@ THREE_CLASS: Final = ("NiCT", "pCT", "nCT")
 TWO_CLASS: Final = {"COVID": True, "NonCOVID": False}
 PCT_INDEX: Final = 1
 PCT_THRESHOLD: Final = 0.5
+DICOM_MAGIC: Final = b"DICM"
+DICOM_MAGIC_OFFSET: Final = 128
 
 
 @dataclass(frozen=True)
@@ -84,15 +87,39 @@ def read_csv(csv_path: Path) -> list[LabelledSlice]:
     return rows
 
 
+def is_dicom(path: Path) -> bool:
+    """Part-10 files carry ``DICM`` at byte 128; ``.dcm`` files without a preamble count too."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    with path.open("rb") as fh:
+        head = fh.read(DICOM_MAGIC_OFFSET + len(DICOM_MAGIC))
+    return head[DICOM_MAGIC_OFFSET:] == DICOM_MAGIC
+
+
+def load_u8(path: Path) -> np.ndarray:
+    """The runtime's 8-bit slice: DICOM -> HU -> lung window; PNG/JPEG -> grey."""
+    from engines import preprocess
+
+    if not is_dicom(path):
+        return preprocess.load_image_u8(path)
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # InvalidDicomError, OSError, struct errors ...
+        raise InputError(f"{path}: not a readable DICOM file: {exc}") from exc
+    return preprocess.dataset_to_u8(ds)
+
+
 def crops_for(rows: list[LabelledSlice], progress: bool = True) -> np.ndarray:
     """Runtime pre-processing of every image: uint8 (N, 200, 200) lung crops."""
     from tqdm import tqdm
 
-    from engines import lung, preprocess
+    from engines import lung
 
     out = np.zeros((len(rows), 200, 200), np.uint8)
     for i, r in enumerate(tqdm(rows, desc="pre-processing", unit="image", disable=not progress)):
-        out[i] = lung.extract(preprocess.load_image_u8(r.path)).crop
+        out[i] = lung.extract(load_u8(r.path)).crop
     return out
 
 
