@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,11 +38,12 @@ def _subset(shared_data: Path, folder: Path, per_label: int, *, with_labs: bool)
     return folder
 
 
-def _run(folder: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> dict:  # type: ignore[type-arg]
+def _run(folder: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     args = argparse.Namespace(patients=folder / "patients.csv",
                               features=folder / "clinical_features.csv", out=out, model=None)
     assert evaluate_cf.main(args) == 0
-    return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
+    report: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return report
 
 
 def test_evaluate_cf_shape_suspected_and_overlap(shared_data: Path, tmp_path: Path,

@@ -71,7 +71,8 @@ def test_json_round_trip_matches_sklearn(trained: Path, ct_scores: Path) -> None
 def test_thresholds_reach_target_sensitivity(trained: Path, ct_scores: Path) -> None:
     doc = json.loads(trained.read_text())
     model = fusion.FusionModel.load(trained)
-    for mode, path in (("cf_only", CF_OOF), ("ct_only", ct_scores)):
+    modes: tuple[tuple[fusion.Mode, Path], ...] = (("cf_only", CF_OOF), ("ct_only", ct_scores))
+    for mode, path in modes:
         t = training.read_scores(path)
         covid = t.proba[:, 1] + t.proba[:, 2]
         pos = np.array([lab != "control" for lab in t.labels])

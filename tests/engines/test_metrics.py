@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -86,7 +88,8 @@ def test_threshold_for_sensitivity_reaches_target_and_is_tightest(target: float)
 
 
 def test_summarise_runs() -> None:
-    runs = [{"auc": {"x": 0.8}, "ppv": None, "confusion": [[1]]}, {"auc": {"x": 0.9}, "ppv": 0.5}]
+    runs: list[dict[str, Any]] = [{"auc": {"x": 0.8}, "ppv": None, "confusion": [[1]]},
+                                  {"auc": {"x": 0.9}, "ppv": 0.5}]
     s = metrics.summarise_runs(runs)
     assert s["auc"]["x"]["mean"] == pytest.approx(0.85)
     assert s["auc"]["x"]["std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
@@ -95,7 +98,7 @@ def test_summarise_runs() -> None:
     assert "confusion" not in s
 
 
-def test_plots_write_png(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_plots_write_png(tmp_path: Path) -> None:
     metrics.plot_roc({"a": ([0, 1, 1, 0], [0.1, 0.9, 0.6, 0.4])}, tmp_path / "roc.png", "t")
     metrics.plot_confusion([[3, 1], [0, 2]], ["n", "p"], tmp_path / "cm.png", "t")
     for name in ("roc.png", "cm.png"):
