@@ -27,13 +27,13 @@ from typing import Any, Final
 
 import numpy as np
 
+from engines import MODELS_DIR
 from engines.backends import BackendName, InferenceBackend, create_backend
 from schemas.errors import EngineError, InputError
 from schemas.features import CATALOGUE_VERSION, Feature, LabValue, catalogue
 
 log = logging.getLogger(__name__)
 
-MODELS_DIR: Final = Path(__file__).with_name("models")
 DEFAULT_ONNX: Final = MODELS_DIR / "cf.onnx"
 MISSING: Final = 0.5
 CLASSES: Final[tuple[str, str, str]] = ("control", "type1", "type2")

@@ -25,9 +25,9 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
+from engines import MODELS_DIR
 from schemas.errors import EngineError, InputError
 
-MODELS_DIR: Final = Path(__file__).with_name("models")
 DEFAULT_JSON: Final = MODELS_DIR / "fusion.json"
 CLASSES: Final[tuple[str, str, str]] = ("control", "type1", "type2")
 FEATURE_ORDER: Final[tuple[str, ...]] = (

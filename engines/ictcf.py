@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from schemas.errors import InputError
-from schemas.features import LabValue
+from schemas.features import LabValue, by_code
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,11 @@ def load_wide(path: Path, hospitals: Mapping[str, str] | None = None,
     ``ranges`` (from :func:`load_reference_ranges`) each value gets its hospital's printed
     range and unit; without them the value has no range (the catalogue range applies)."""
     rows = _read_csv(path, ("patient_id",))
+    known = set(by_code())
+    unknown = sorted({c for c in (rows[0] if rows else {}) if c != "patient_id"} - known)
+    if unknown:
+        log.warning("%s: %d column(s) are not catalogue codes and are ignored by the CF "
+                    "model: %s", path, len(unknown), ", ".join(unknown[:10]))
     out: dict[str, dict[str, LabValue]] = {}
     for i, row in enumerate(rows, start=2):
         pid = row["patient_id"].strip()
