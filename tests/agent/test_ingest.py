@@ -208,13 +208,17 @@ def test_raw_bytes_are_kept_exactly_as_received(running_agent: Callable[..., Age
     assert_byte_identical(read_topic(agent.bus, topics.DICOM_INSTANCES, len(files)), files)
 
 
+@pytest.fixture(scope="module")
+def long_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The 300-slice uncompressed series, built once for the module."""
+    return make_long_series(tmp_path_factory.mktemp("series"))
+
+
 @pytest.mark.slow
 def test_uncompressed_300_slice_series_lands_byte_identical(
         bus_url: str, running_agent: Callable[..., Agent], storescp: StoreScp,
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    src = tmp_path / "series"
-    src.mkdir()
-    files = make_long_series(src)
+        long_series: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = long_series
     assert len(files) == 300
     data_dir = tmp_path / "data"
     bus = _open(bus_url, data_dir)
