@@ -1,33 +1,54 @@
 """The running agent: components composed, started in order and stopped in reverse.
 
-The ingest role is: spool (index + quarantine) -> bus -> outbox (+ series tracker) -> Storage
-SCP. Other roles (the worker, the PACS sender, the HTTP endpoint) are added as further
-:class:`Component` objects with :meth:`Agent.add`; they start after the ingest components and
-stop before them.
+Roles:
 
-Stopping is bounded: the SCP stops accepting, running associations get a few seconds to finish
-(then are aborted), the outbox makes a last pass to flush what is spooled, then the bus and the
-index are closed. Anything not published by then stays in the spool and is published at the
-next start, so a stop never loses an instance that was answered Success.
+* ``ingest``: spool (index + quarantine) -> bus -> outbox (+ series tracker) -> Storage SCP.
+* ``worker``: the PACS sender (SR outbox), the LIS client, the models and the triage worker
+  (:mod:`agent.worker`).
+
+``hust19 serve`` runs both in one process; ``hust19 ingest`` and ``hust19 worker`` run them
+apart. With ``http_port`` set, ``/healthz``, ``/readyz`` and ``/metrics`` are served too.
+Further :class:`Component` objects can be added with :meth:`Agent.add`.
+
+Stopping is bounded (SIGTERM): the SCP stops accepting, running associations get a few seconds
+to finish (then are aborted), the outbox makes a last pass to publish what is spooled, the
+worker stops polling, commits what is finished and hands the rest back (redone at the next
+start), the PACS sender makes a last delivery pass, then the bus and the index are closed.
+Anything not published by then stays in the spool or the SR outbox and goes out at the next
+start, so a stop never loses an instance that was answered Success.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Final, Protocol
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Final, Protocol
 
 from agent.bus import Bus, open_bus
 from agent.config import Settings
+from agent.http import HealthServer
 from agent.ingest import StorageSCP
+from agent.metrics import Metrics
 from agent.outbox import Outbox
 from agent.series import SeriesTracker
-from agent.spool import InstanceInfo, Spool, StoreOutcome
+from agent.spool import InstanceInfo, Spool, SpoolError, StoreOutcome
+from schemas.errors import EngineError
+
+if TYPE_CHECKING:
+    from agent.lis import LisClient
+    from agent.pacs import PacsSender
+    from agent.worker import TriageWorker
 
 logger = logging.getLogger(__name__)
 
+ROLE_INGEST: Final = "ingest"
+ROLE_WORKER: Final = "worker"
+ALL_ROLES: Final = frozenset({ROLE_INGEST, ROLE_WORKER})
 STOP_TIMEOUT_S: Final = 30.0
 """Default bound on :meth:`Agent.stop`."""
+READY_ECHO_TIMEOUT_S: Final = 5.0
 ASSOCIATION_GRACE_S: Final = 5.0
 """How long running associations may go on after stop() before they are aborted."""
 
@@ -43,11 +64,11 @@ class Component(Protocol):
 
 
 class Agent:
-    """The composed agent. ``roles`` is ``{"ingest"}`` for now (``serve`` = ``ingest`` until
-    the worker exists); ``bus`` may be passed in (tests), otherwise opened from settings."""
+    """The composed agent with the given ``roles``; ``bus`` may be passed in (tests),
+    otherwise it is opened from the settings."""
 
     def __init__(self, settings: Settings, *, bus: Bus | None = None,
-                 roles: frozenset[str] = frozenset({"ingest"})) -> None:
+                 roles: frozenset[str] = ALL_ROLES) -> None:
         self.settings = settings
         self.roles = roles
         self._own_bus = bus is None
@@ -57,6 +78,11 @@ class Agent:
         self.tracker: SeriesTracker | None = None
         self.outbox: Outbox | None = None
         self.scp: StorageSCP | None = None
+        self.metrics = Metrics()
+        self.worker: TriageWorker | None = None
+        self.pacs: PacsSender | None = None
+        self.lis: LisClient | None = None
+        self.http: HealthServer | None = None
         self._extra: list[Component] = []
         self._started = False
 
@@ -73,17 +99,23 @@ class Agent:
         """Start every component; on failure stop what was started and re-raise."""
         s = self.settings
         try:
-            if "ingest" in self.roles:
+            if ROLE_INGEST in self.roles:
                 self.spool = Spool(s.data_dir)
                 removed = self.spool.recover()
                 pending = self.spool.pending_count()
                 self.tracker = SeriesTracker(self.spool, s.series_quiet_s, s.series_max_quiet_s)
                 self.outbox = Outbox(self.spool, self.bus, self.tracker)
                 self.scp = StorageSCP(s, self.spool, on_stored=self._stored,
-                                      on_closed=self.tracker.association_closed)
+                                      on_closed=self.tracker.association_closed,
+                                      metrics=self.metrics)
                 self.outbox.start()
                 self.scp.start()
                 self._log_start(pending, removed)
+            if ROLE_WORKER in self.roles:
+                self._start_worker()
+            if s.http_port:
+                self.http = HealthServer(s.host, s.http_port, self.metrics, self._checks())
+                self.http.start()
             for component in self._extra:
                 component.start()
                 logger.info("started %s", component.name)
@@ -91,6 +123,56 @@ class Agent:
         except BaseException:
             self.stop(timeout_s=5.0)
             raise
+
+    def _start_worker(self) -> None:
+        from agent.lis import open_lis
+        from agent.pacs import PacsSender
+        from agent.worker import TriageModels, TriageWorker
+
+        s = self.settings
+        self.pacs = PacsSender.from_settings(s)
+        self.pacs.start()
+        self.lis = open_lis(s)
+        models = TriageModels.load(s.backend)
+        self.worker = TriageWorker(s, self.bus, pacs=self.pacs, lis=self.lis, models=models,
+                                   metrics=self.metrics)
+        self.worker.start()
+        logger.info("worker: LIS %s, PACS %s, threshold %s, backend %s", self.lis.display_url,
+                    ", ".join(map(str, s.pacs)) or "none (SRs are built but not sent)",
+                    s.threshold, models.backend_name)
+
+    def _checks(self) -> dict[str, Callable[[], None]]:
+        """Readiness checks for ``/readyz``: each raises when its dependency is not usable."""
+        checks: dict[str, Callable[[], None]] = {"bus": self.bus.ping}
+        if self.spool is not None:
+            checks["spool"] = self._check_spool
+        if self.lis is not None:
+            checks["lis"] = self.lis.ping
+        if self.pacs is not None:
+            from agent.pacs import echo
+
+            for dest in self.settings.pacs:
+                checks[f"pacs {dest}"] = partial(echo, dest, self.settings.ae_title,
+                                                 timeout_s=READY_ECHO_TIMEOUT_S)
+        if ROLE_WORKER in self.roles:
+            checks["models"] = self._check_models
+        return checks
+
+    def _check_spool(self) -> None:
+        probe = self.settings.data_dir / ".readyz"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise SpoolError(f"spool {self.settings.data_dir} not writable: {exc}") from exc
+        if self.spool is not None:
+            self.metrics.spool_depth.set(self.spool.pending_count())
+
+    def _check_models(self) -> None:
+        if self.worker is None:
+            raise EngineError("models not loaded")
+        if self.pacs is not None:
+            self.metrics.outbox_depth.set(self.pacs.pending_count())
 
     def _stored(self, assoc_key: int, info: InstanceInfo, outcome: StoreOutcome) -> None:
         if self.tracker is not None:
@@ -121,11 +203,6 @@ class Agent:
         def left() -> float:
             return max(0.5, deadline - time.monotonic())
 
-        for component in reversed(self._extra):
-            try:
-                component.stop(left())
-            except Exception:
-                logger.exception("stopping %s failed", component.name)
         if self.scp is not None:
             self.scp.stop(min(ASSOCIATION_GRACE_S, left()))
             self.scp = None
@@ -135,6 +212,25 @@ class Agent:
                         "run%s", self.outbox.published, self.outbox.series_events,
                         "" if drained else "; the rest is published at the next start")
             self.outbox = None
+        for component in reversed(self._extra):
+            try:
+                component.stop(left())
+            except Exception:
+                logger.exception("stopping %s failed", component.name)
+        if self.worker is not None:
+            self.worker.stop(left())
+            self.worker = None
+        if self.pacs is not None:
+            self.pacs.stop(left())
+            logger.info("PACS sender stopped; %d deliveries pending for the next start",
+                        self.pacs.pending_count())
+            self.pacs = None
+        if self.lis is not None:
+            self.lis.close()
+            self.lis = None
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
         if self._own_bus:
             try:
                 self.bus.close()

@@ -55,13 +55,17 @@ def setup_logging(level: str = "INFO", as_json: bool = False) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; when ``argv`` names a command, only that command's module is imported (a
+    fast start: some commands pull in the models or the DICOM stack)."""
     parser = argparse.ArgumentParser(
         prog="hust19",
         description="HUST-19 COVID-19 triage agent: DICOM CT in, DICOM SR and Kafka out.")
     parser.add_argument("--version", action="version", version=f"hust19 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    first = next((a for a in (argv or ()) if not a.startswith("-")), None)
+    names = [first] if first in COMMAND_MODULES else list(COMMAND_MODULES)
+    for name in names:
         try:
             module = importlib.import_module(f"agent.commands.{name}")
         except ModuleNotFoundError as exc:
@@ -74,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or EXIT_OK)

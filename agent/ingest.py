@@ -57,6 +57,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from agent.config import Settings
+from agent.metrics import Metrics
 from agent.spool import InstanceInfo, Spool, SpoolError, StoreOutcome
 from agent.status import StoreStatus, error_comment
 from schemas.errors import ConfigError
@@ -273,9 +274,11 @@ class StorageSCP:
 
     def __init__(self, settings: Settings, spool: Spool, *,
                  on_stored: StoredCallback | None = None,
-                 on_closed: ClosedCallback | None = None) -> None:
+                 on_closed: ClosedCallback | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.spool = spool
+        self.metrics = metrics or Metrics()
         self._on_stored = on_stored
         self._on_closed = on_closed
         self._ssl = build_ssl_context(settings)
@@ -365,6 +368,7 @@ class StorageSCP:
         assoc = event.assoc
         calling = assoc.requestor.ae_title
         peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
+        self.metrics.associations.labels(outcome="rejected").inc()
         if self.settings.allow_ae and calling not in self.settings.allow_ae:
             logger.warning("association from %s rejected: calling AE %r is not on the "
                            "allow-list %s (A-ASSOCIATE-RJ permanent, calling AE title not "
@@ -379,10 +383,11 @@ class StorageSCP:
             stats = self._assocs.pop(key, None)
         if stats is None:
             return
-        if stats.stored or stats.duplicates or stats.failed:
-            logger.info("association from %s (%s) closed: %d stored, %d duplicate, %d failed; "
-                        "series %s", stats.calling_ae, stats.peer, stats.stored,
-                        stats.duplicates, stats.failed, ", ".join(sorted(stats.series)) or "-")
+        self.metrics.associations.labels(outcome="accepted").inc()
+        logger.info("audit: association from %s (%s) accepted and closed: %d stored, "
+                    "%d duplicate, %d failed; series %s", stats.calling_ae, stats.peer,
+                    stats.stored, stats.duplicates, stats.failed,
+                    ", ".join(sorted(stats.series)) or "-")
         if self._on_closed is not None:
             with _suppress_logged("association-closed callback"):
                 self._on_closed(key, time.time())
@@ -502,6 +507,7 @@ class StorageSCP:
             stats.series.add(info.series_uid)
             if outcome is StoreOutcome.STORED:
                 stats.stored += 1
+                self.metrics.instances_received.inc()
             else:
                 stats.duplicates += 1
         if outcome is StoreOutcome.DUPLICATE:
@@ -522,6 +528,7 @@ class StorageSCP:
         if stats is not None:
             with self._lock:
                 stats.failed += 1
+        self.metrics.instances_rejected.labels(reason=status.name).inc()
         where = "not kept (no bytes)"
         if parts:
             try:

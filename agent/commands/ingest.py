@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from agent.app import Agent
+from agent.app import ROLE_INGEST, Agent
 from agent.commands.common import add_settings_args, settings_from_args
 from agent.commands.serve import run_until_signal
 
-ROLES_INGEST = frozenset({"ingest"})
+ROLES_INGEST = frozenset({ROLE_INGEST})
 
 
 def register(sub: Any) -> None:

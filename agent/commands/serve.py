@@ -1,5 +1,6 @@
-"""``hust19 serve``: run the agent (today the ingest role: DICOM listener, spool, outbox,
-series completion) until SIGINT or SIGTERM, then stop cleanly.
+"""``hust19 serve``: run the whole agent in one process (DICOM listener, spool, outbox,
+series completion, triage worker, PACS sender; embedded bus and SQLite LIS by default) until
+SIGINT or SIGTERM, then stop cleanly.
 
 The flags are the shared settings flags (:mod:`agent.commands.common`), a public contract:
 ``--data-dir``, ``--port``, ``--ae-title``, ``--allow-ae`` (repeatable), ``--bus``...
@@ -15,17 +16,15 @@ import threading
 from types import FrameType
 from typing import Any
 
-from agent.app import Agent
+from agent.app import ALL_ROLES, Agent
 from agent.commands.common import add_settings_args, settings_from_args
 
 logger = logging.getLogger(__name__)
 
-ROLES_SERVE = frozenset({"ingest"})
-"""What ``serve`` runs; the worker role joins when it exists."""
 
 
 def register(sub: Any) -> None:
-    parser = sub.add_parser("serve", help="run the agent: DICOM listener -> bus (-> worker)",
+    parser = sub.add_parser("serve", help="run the agent: DICOM listener, bus, worker, SR",
                             description=__doc__)
     add_settings_args(parser)
     parser.set_defaults(func=run)
@@ -57,4 +56,4 @@ def run_until_signal(agent: Agent) -> int:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    return run_until_signal(Agent(settings, roles=ROLES_SERVE))
+    return run_until_signal(Agent(settings, roles=ALL_ROLES))
