@@ -104,7 +104,7 @@ class Agent:
                 removed = self.spool.recover()
                 pending = self.spool.pending_count()
                 self.tracker = SeriesTracker(self.spool, s.series_quiet_s, s.series_max_quiet_s)
-                self.outbox = Outbox(self.spool, self.bus, self.tracker)
+                self.outbox = Outbox(self.spool, self.bus, self.tracker, self.metrics)
                 self.scp = StorageSCP(s, self.spool, on_stored=self._stored,
                                       on_closed=self.tracker.association_closed,
                                       metrics=self.metrics)

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Final
 
 from agent.bus import Bus, Headers, Producer
+from agent.metrics import Metrics
 from agent.series import SeriesTracker
 from agent.spool import Spool, SpooledInstance, SpoolError
 from schemas import topics
@@ -72,10 +73,12 @@ class Outbox:
     """Spool -> bus publisher thread. :meth:`publish_pending` does one synchronous pass (also
     usable without the thread); :meth:`start`/:meth:`stop` run it in the background."""
 
-    def __init__(self, spool: Spool, bus: Bus, tracker: SeriesTracker | None = None) -> None:
+    def __init__(self, spool: Spool, bus: Bus, tracker: SeriesTracker | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.spool = spool
         self.bus = bus
         self.tracker = tracker
+        self.metrics = metrics
         self._producer: Producer | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -151,6 +154,8 @@ class Outbox:
         for event in events:
             self.tracker.completed(event)
             self.series_events += 1
+            if self.metrics is not None:
+                self.metrics.series_completed.inc()
 
     # -- background thread ---------------------------------------------------------------
 

@@ -20,6 +20,7 @@ a localizer, too short) gets a ``skipped`` result with the reason.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import logging
 import threading
@@ -34,6 +35,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from agent import __version__
 from agent.bus import Bus, Consumer, Message, Producer
 from agent.config import Settings
 from agent.lis import LabLookup, LisClient
@@ -105,8 +107,10 @@ class TriageModels:
 
     @property
     def version(self) -> str:
-        """One string for the SR: every model's version (a new model = a new report UID)."""
-        return ";".join(f"{k}={v}" for k, v in sorted(self.versions.items()))
+        """The algorithm version in the SR (a DICOM LO: at most 64 characters): the agent's
+        version plus a digest of every model's version, so a new model = a new report UID."""
+        joined = ";".join(f"{k}={v}" for k, v in sorted(self.versions.items()))
+        return f"{__version__}+models.{hashlib.sha256(joined.encode()).hexdigest()[:12]}"
 
     @property
     def backend_name(self) -> str:
@@ -199,8 +203,10 @@ class TriageWorker:
             self._consumer = self.bus.consumer(self.group_id,
                                                [topics.DICOM_INSTANCES, topics.DICOM_SERIES])
             self._producer = self.bus.producer()
-            log.info("worker joined group %s on %s; backend %s; models %s", self.group_id,
-                     self.bus.describe(), self.models.backend_name, self.models.version)
+            log.info("worker joined group %s on %s; backend %s; algorithm %s (%s)",
+                     self.group_id, self.bus.describe(), self.models.backend_name,
+                     self.models.version, ", ".join(f"{k} {v}" for k, v in
+                                                    sorted(self.models.versions.items())))
 
     def start(self) -> None:
         self.open()
