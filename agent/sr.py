@@ -27,6 +27,7 @@ same :class:`TriageResult` and :class:`SrSource` give a byte-identical dataset.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
@@ -331,31 +332,36 @@ def build_sr(result: TriageResult, source: SrSource, *, algorithm_version: str,
 
     ready = result.timings.result_ready.astimezone(UTC)
     try:
-        sr = ComprehensiveSR(
-            evidence=evidence,
-            content=report,
-            series_instance_uid=series_uid,
-            series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=instance_uid,
-            instance_number=SR_INSTANCE_NUMBER,
-            manufacturer=manufacturer,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            institution_name=institution_name,
-            institutional_department_name=institutional_department_name,
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            series_description=SR_SERIES_DESCRIPTION,
-            software_versions=algorithm_version,
-            manufacturer_model_name=algorithm_name,
-            content_date=ready.date(),
-            content_time=ready.time(),
-            series_date=ready.date(),
-            series_time=ready.time(),
-            coding_schemes=[CodingSchemeIdentificationItem(
-                designator=PRIVATE_SCHEME, name=PRIVATE_SCHEME_NAME,
-                responsible_organization=manufacturer)],
-        )
+        with warnings.catch_warnings():
+            # The patient name is copied from the source images as it is; highdicom's advice on
+            # composing person names does not apply to a copy.
+            warnings.filterwarnings("ignore", message=".*intended person name",
+                                    category=UserWarning)
+            sr = ComprehensiveSR(
+                evidence=evidence,
+                content=report,
+                series_instance_uid=series_uid,
+                series_number=SR_SERIES_NUMBER,
+                sop_instance_uid=instance_uid,
+                instance_number=SR_INSTANCE_NUMBER,
+                manufacturer=manufacturer,
+                is_complete=True,
+                is_final=False,
+                is_verified=False,
+                institution_name=institution_name,
+                institutional_department_name=institutional_department_name,
+                transfer_syntax_uid=ExplicitVRLittleEndian,
+                series_description=SR_SERIES_DESCRIPTION,
+                software_versions=algorithm_version,
+                manufacturer_model_name=algorithm_name,
+                content_date=ready.date(),
+                content_time=ready.time(),
+                series_date=ready.date(),
+                series_time=ready.time(),
+                coding_schemes=[CodingSchemeIdentificationItem(
+                    designator=PRIVATE_SCHEME, name=PRIVATE_SCHEME_NAME,
+                    responsible_organization=manufacturer)],
+            )
     except (ValueError, TypeError) as exc:
         raise DicomInputError(f"SR cannot be built ({where}): {exc}") from exc
     # highdicom stamps the creation time with now(); use the result time (determinism).
