@@ -25,7 +25,7 @@ from agent.bus import Bus, Message, open_bus
 from agent.status import StoreStatus
 from schemas import topics
 from schemas.messages import INSTANCE_SCHEMA
-from tests.fixtures.dicom import free_port, run_storescu
+from tests.fixtures.dicom import free_port, read_topic, run_storescu
 from tests.fixtures.kafka import kafka_test_overrides
 
 StoreScp = Callable[..., tuple[int, Path]]
@@ -51,20 +51,6 @@ def dataset_offset(data: bytes) -> int:
             (length,) = struct.unpack_from("<H", data, pos + 6)
             pos += 8 + length
     return pos
-
-
-def read_topic(bus: Bus, topic: str, count: int, timeout_s: float = 60.0) -> list[Message]:
-    """Read ``topic`` from the beginning until ``count`` messages (or fail after timeout)."""
-    consumer = bus.consumer(None, [topic])
-    out: list[Message] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(out) < count and time.monotonic() < deadline:
-            out += consumer.poll(timeout_s=0.5, max_records=500)
-    finally:
-        consumer.close()
-    assert len(out) >= count, f"{len(out)} of {count} messages on {topic} after {timeout_s} s"
-    return out
 
 
 def wait_published(agent: Agent, count: int, timeout_s: float = 60.0) -> None:

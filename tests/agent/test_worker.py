@@ -1,0 +1,241 @@
+"""The triage worker end to end with real peers: dcmtk storescu -> agent -> dcmtk storescp as
+PACS; the embedded bus and the Kafka-protocol test broker (two workers in one group); SQLite
+and PostgreSQL as the LIS; kill -9 of a worker mid-series."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from agent.app import ALL_ROLES, ROLE_INGEST, ROLE_WORKER, Agent
+from agent.commands.lis import import_ictcf
+from schemas import topics
+from schemas.messages import DeadLetter, TriageResult
+from tests.fixtures.dicom import SAMPLE, copy_series, dcmtk, free_port, read_topic, run_storescu
+from tests.fixtures.kafka import kafka_test_overrides
+
+pytestmark = pytest.mark.slow
+
+SAMPLE_PATIENT = "Lung_Dx-A0002"
+LINKED_ICTCF_PATIENT = "778"
+SR_WAIT_S = 90.0
+
+
+def _sample_files() -> list[Path]:
+    return sorted(SAMPLE.glob("*.dcm"))
+
+
+def _sr_files(pacs_dir: Path, timeout_s: float = SR_WAIT_S, count: int = 1) -> list[Path]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = sorted(p for p in pacs_dir.iterdir() if p.name.startswith("SR"))
+        if len(found) >= count:
+            return found
+        time.sleep(0.25)
+    pytest.fail(f"{count} SR(s) expected at the PACS within {timeout_s} s, found "
+                f"{[p.name for p in pacs_dir.iterdir()]}")
+
+
+def _results(agent: Agent, count: int) -> list[TriageResult]:
+    return [TriageResult.model_validate_json(m.value)
+            for m in read_topic(agent.bus, topics.TRIAGE_RESULTS, count, SR_WAIT_S)]
+
+
+def _demo_lis(url: str, shared_data: Path) -> str:
+    import_ictcf(shared_data / "ictcf", url, patient_ids=[LINKED_ICTCF_PATIENT],
+                 aliases={SAMPLE_PATIENT: LINKED_ICTCF_PATIENT})
+    return url
+
+
+def _dsrdump_ok(path: Path) -> str:
+    proc = subprocess.run([dcmtk("dsrdump"), "-Ee", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _check_sr(path: Path, result: TriageResult) -> None:
+    """The SR at the PACS is the result's: same UID, same study, references the source series
+    and exactly the top-10 evidence slices."""
+    dump = _dsrdump_ok(path)
+    assert "Imaging Measurement Report" in dump and "COVID-19" in dump
+    ds = pydicom.dcmread(path)
+    assert ds.SOPInstanceUID == result.sr_sop_instance_uid
+    assert ds.StudyInstanceUID == result.study_uid
+    assert ds.Modality == "SR"
+    evidence = ds.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == result.study_uid
+    series = {s.SeriesInstanceUID: s for s in evidence.ReferencedSeriesSequence}
+    assert result.series_uid in series
+    referenced = {i.ReferencedSOPInstanceUID
+                  for i in series[result.series_uid].ReferencedSOPSequence}
+    assert referenced == set(result.top_slices)
+    assert len(result.top_slices) == 10
+
+
+def test_series_to_sr_at_pacs_on_embedded_bus_with_sqlite_lis(
+        running_agent: Callable[..., Agent], storescp: Callable[..., tuple[int, Path]],
+        tmp_path: Path, shared_data: Path) -> None:
+    pacs_port, pacs_dir = storescp(aet="PACS")
+    lis = _demo_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data)
+    agent = running_agent(roles=ALL_ROLES, pacs=[f"127.0.0.1:{pacs_port}:PACS"], lis=lis,
+                          allow_ae=["STORESCU"], series_quiet_s=1.0)
+    files = _sample_files()
+    assert run_storescu(files, agent.port, "HUST19").returncode == 0
+
+    (sr,) = _sr_files(pacs_dir)
+    (result,) = _results(agent, 1)
+    assert result.status == "triaged" and result.flag in ("control", "type1", "type2")
+    assert result.instance_count == len(files)
+    assert result.patient_id == SAMPLE_PATIENT
+    assert result.availability is not None
+    assert result.availability.ct and result.availability.cf
+    assert result.availability.fusion == "plr"
+    assert result.scores.ct and result.scores.cf and result.scores.fused
+    assert abs(result.scores.fused.control + result.scores.fused.type1
+               + result.scores.fused.type2 - 1.0) < 1e-4
+    assert set(result.model_versions) == {"slice", "patient", "cf", "fusion"}
+    t = result.timings
+    assert t.first_instance_received and t.last_instance_received and t.series_complete
+    assert t.first_instance_received <= t.last_instance_received <= t.series_complete \
+        <= t.result_ready
+    sop_uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+    assert set(result.top_slices) <= sop_uids
+    _check_sr(sr, result)
+
+
+def test_bad_input_is_skipped_or_dead_lettered_and_the_pipeline_goes_on(
+        running_agent: Callable[..., Agent], storescp: Callable[..., tuple[int, Path]],
+        tmp_path: Path) -> None:
+    """Not chest, too short, undecodable bytes on the bus, LIS down: each gets its reason,
+    and a good series after them is still triaged (CT-only, saying why)."""
+    pacs_port, pacs_dir = storescp(aet="PACS")
+    agent = running_agent(roles=ALL_ROLES, pacs=[f"127.0.0.1:{pacs_port}:PACS"],
+                          lis="postgresql+psycopg://nobody@127.0.0.1:1/none",
+                          series_quiet_s=1.0)
+    garbage = b"this is not DICOM at all"
+    producer = agent.bus.producer()
+    producer.send(topics.DICOM_INSTANCES, b"1.2.3.4", garbage,
+                  [(topics.H_SERIES_UID, b"1.2.3.4")])
+    producer.flush()
+    producer.close()
+    head = copy_series(tmp_path / "head", BodyPartExamined="HEAD")
+    short = copy_series(tmp_path / "short", limit=5)
+    for files in (head, short, _sample_files()):
+        assert run_storescu(files, agent.port, "HUST19").returncode == 0
+
+    (dead,) = [DeadLetter.model_validate_json(m.value)
+               for m in read_topic(agent.bus, topics.TRIAGE_DLQ, 1, SR_WAIT_S)]
+    assert "not readable DICOM" in dead.reason
+    assert base64.b64decode(dead.value_b64) == garbage
+    assert dead.source_topic == topics.DICOM_INSTANCES
+
+    results = {r.series_uid: r for r in _results(agent, 3)}
+    head_uid = pydicom.dcmread(head[0], stop_before_pixels=True).SeriesInstanceUID
+    short_uid = pydicom.dcmread(short[0], stop_before_pixels=True).SeriesInstanceUID
+    assert results[head_uid].status == "skipped"
+    assert "not a chest series (BodyPartExamined HEAD)" in (results[head_uid].skip_reason or "")
+    assert results[short_uid].status == "skipped"
+    assert "too short to triage: 5" in (results[short_uid].skip_reason or "")
+    (good,) = [r for r in results.values() if r.status == "triaged"]
+    assert good.availability is not None
+    assert good.availability.ct and not good.availability.cf
+    assert good.availability.fusion == "ct_only"
+    assert "LIS unreachable" in (good.availability.cf_reason or "")
+    assert good.scores.cf is None and good.scores.fused is None
+    (sr,) = _sr_files(pacs_dir)
+    _check_sr(sr, good)
+
+
+@pytest.mark.kafka
+def test_two_workers_in_one_group_on_kafka_with_postgres_lis(
+        running_agent: Callable[..., Agent], storescp: Callable[..., tuple[int, Path]],
+        fresh_kafka_broker: str, postgres_url: str, shared_data: Path,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in kafka_test_overrides().items():
+        monkeypatch.setenv(f"HUST19_KAFKA_{key.upper()}", str(value))
+    pacs_port, pacs_dir = storescp(aet="PACS")
+    lis = _demo_lis(postgres_url, shared_data)
+    common = {"bus": fresh_kafka_broker, "lis": lis, "pacs": [f"127.0.0.1:{pacs_port}:PACS"],
+              "series_quiet_s": 1.0}
+    workers = [running_agent(roles=frozenset({ROLE_WORKER}), **common) for _ in range(2)]
+    ingest = running_agent(roles=frozenset({ROLE_INGEST}), **common)
+    series = [_sample_files(), copy_series(tmp_path / "copy1"), copy_series(tmp_path / "copy2")]
+    for files in series:
+        assert run_storescu(files, ingest.port, "HUST19").returncode == 0
+
+    results = _results(ingest, 3)
+    by_series = {r.series_uid: r for r in results}
+    assert len(by_series) == 3 and all(r.status == "triaged" for r in results)
+    srs = _sr_files(pacs_dir, count=3)
+    assert {pydicom.dcmread(p).SOPInstanceUID for p in srs} == \
+        {r.sr_sop_instance_uid for r in by_series.values()}
+    sample_result = next(r for r in results if r.patient_id == SAMPLE_PATIENT
+                         and r.series_uid == pydicom.dcmread(series[0][0]).SeriesInstanceUID)
+    assert sample_result.availability is not None and sample_result.availability.cf
+    owned = [w.worker._assignment for w in workers if w.worker is not None]  # noqa: SLF001
+    assert all(owned), f"both workers own partitions: {owned}"
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "agent.cli", *args], stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+def test_kill9_worker_mid_series_gives_exactly_one_sr(
+        storescp: Callable[..., tuple[int, Path]], tmp_path: Path,
+        processes: list[subprocess.Popen[bytes]]) -> None:
+    pacs_port, pacs_dir = storescp(aet="PACS")
+    data = tmp_path / "data"
+    port = free_port()
+    processes.append(_spawn(["ingest", "--data-dir", str(data), "--port", str(port),
+                             "--host", "127.0.0.1", "--series-quiet-s", "3"],
+                            tmp_path / "ingest.log"))
+    worker_args = ["worker", "--data-dir", str(data), "--pacs", f"127.0.0.1:{pacs_port}:PACS",
+                   "--log-level", "DEBUG"]
+    first = _spawn(worker_args, tmp_path / "worker1.log")
+    processes.append(first)
+    deadline = time.monotonic() + 60
+    while b"worker joined group" not in (tmp_path / "worker1.log").read_bytes():
+        assert time.monotonic() < deadline, (tmp_path / "worker1.log").read_text()
+        time.sleep(0.2)
+    assert run_storescu(_sample_files(), port, "HUST19").returncode == 0
+    time.sleep(1.5)  # instances consumed and scored, the series not yet complete (3 s quiet)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+    assert not list(pacs_dir.iterdir()), "the series completed before the kill"
+
+    processes.append(_spawn(worker_args, tmp_path / "worker2.log"))
+    (sr,) = _sr_files(pacs_dir)
+    time.sleep(3)  # anything sent twice would arrive now
+    srs = sorted(p for p in pacs_dir.iterdir() if p.name.startswith("SR"))
+    assert [p.name for p in srs] == [sr.name]
+    dump = subprocess.run([sys.executable, "-m", "agent.cli", "bus", "dump", "--topic",
+                           topics.TRIAGE_RESULTS, "--data-dir", str(data)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert dump.stdout.strip(), "no result on triage.results"
+    _dsrdump_ok(sr)
