@@ -195,6 +195,11 @@ class TriageWorker:
         self._assignment: set[TopicPartition] = set()
         self.metrics.backend.labels(backend=models.backend_name).set(1)
 
+    @property
+    def assignment(self) -> set[TopicPartition]:
+        """The (topic, partition) pairs this worker owned at its last poll."""
+        return set(self._assignment)
+
     # --- lifecycle -------------------------------------------------------------------------
     def open(self) -> None:
         """Join the consumer group and open the producer."""

@@ -182,7 +182,7 @@ def test_two_workers_in_one_group_on_kafka_with_postgres_lis(
     sample_result = next(r for r in results if r.patient_id == SAMPLE_PATIENT
                          and r.series_uid == pydicom.dcmread(series[0][0]).SeriesInstanceUID)
     assert sample_result.availability is not None and sample_result.availability.cf
-    owned = [w.worker._assignment for w in workers if w.worker is not None]  # noqa: SLF001
+    owned = [w.worker.assignment for w in workers if w.worker is not None]
     assert all(owned), f"both workers own partitions: {owned}"
 
 
