@@ -130,7 +130,7 @@ class Agent:
         from agent.worker import TriageModels, TriageWorker
 
         s = self.settings
-        self.pacs = PacsSender.from_settings(s)
+        self.pacs = PacsSender.from_settings(s, metrics=self.metrics)
         self.pacs.start()
         self.lis = open_lis(s)
         models = TriageModels.load(s.backend)

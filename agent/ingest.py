@@ -57,7 +57,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from agent.config import Settings
-from agent.metrics import Metrics
+from agent.metrics import STAGE_INGEST, Metrics
 from agent.spool import InstanceInfo, Spool, SpoolError, StoreOutcome
 from agent.status import StoreStatus, error_comment
 from schemas.errors import ConfigError
@@ -480,6 +480,7 @@ class StorageSCP:
             "calling_ae": stats.calling_ae, "peer": stats.peer,
             "affected_sop_class_uid": sop_class, "affected_sop_instance_uid": sop_instance,
             "transfer_syntax_uid": ts, "received_at": received_at}
+        started = time.perf_counter()
         try:
             checked = check_dataset(b"".join(parts), sop_class_uid=sop_class,
                                     sop_instance_uid=sop_instance, transfer_syntax_uid=ts,
@@ -508,6 +509,8 @@ class StorageSCP:
             if outcome is StoreOutcome.STORED:
                 stats.stored += 1
                 self.metrics.instances_received.inc()
+                self.metrics.stage_seconds.labels(stage=STAGE_INGEST).observe(
+                    time.perf_counter() - started)
             else:
                 stats.duplicates += 1
         if outcome is StoreOutcome.DUPLICATE:

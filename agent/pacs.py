@@ -60,6 +60,7 @@ from pynetdicom.status import (
 )
 
 from agent.config import PacsDestination, Settings
+from agent.metrics import STAGE_SR_SEND, Metrics
 from agent.uids import is_valid_uid
 from schemas.errors import InputError, PacsError
 
@@ -240,12 +241,14 @@ class PacsSender:
                  *, tls_context: ssl.SSLContext | None = None,
                  retry_base_s: float = DEFAULT_RETRY_BASE_S,
                  retry_max_s: float = DEFAULT_RETRY_MAX_S,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, poll_s: float = DEFAULT_POLL_S) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, poll_s: float = DEFAULT_POLL_S,
+                 metrics: Metrics | None = None) -> None:
         if not 1 <= len(calling_ae.strip()) <= 16:
             raise InputError(f"calling AE title {calling_ae!r} must be 1-16 characters")
         if retry_base_s <= 0 or retry_max_s < retry_base_s:
             raise InputError(f"retry backoff {retry_base_s}..{retry_max_s} s is not usable")
         self._destinations = list(dict.fromkeys(destinations))
+        self._metrics = metrics
         self._outbox = Path(outbox_dir)
         self._calling_ae = calling_ae
         self._tls_context = tls_context
@@ -403,6 +406,7 @@ class PacsSender:
                     except (InvalidDicomError, OSError, ValueError) as exc:
                         self._quarantine(delivery, str(exc))
                         continue
+                    started = time.perf_counter()
                     try:
                         status = assoc.send_c_store(ds)
                     except (ValueError, RuntimeError) as exc:  # no context for this class
@@ -419,9 +423,13 @@ class PacsSender:
                         self._mark_done(dest, delivery)
                         stored += 1
                         log = logger.info if code == DimseStatus.SUCCESS else logger.warning
-                        log("SR %s (study %s) stored at PACS %s (%s, attempt %d)",
+                        log("audit: SR %s (study %s) stored at PACS %s (%s, attempt %d)",
                             delivery.sop_instance_uid, delivery.study_uid, dest,
                             status_meaning(code), attempt)
+                        if self._metrics is not None:
+                            self._metrics.sr_sent.labels(destination=str(dest)).inc()
+                            self._metrics.stage_seconds.labels(stage=STAGE_SR_SEND).observe(
+                                time.perf_counter() - started)
                     else:
                         failed += 1
                         comment = status.get("ErrorComment", "")
