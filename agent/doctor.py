@@ -7,7 +7,6 @@ Each check returns a :class:`Finding`: ``ok``, ``warn`` (works, but worth knowin
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ OPTIONAL_PACKAGES = {"crc32c": "fast CRC-32C for Kafka (pure Python without it: 
                      "tensorrt": "GPU inference", "pycuda": "GPU inference",
                      "cupy-cuda12x": "GPU lung extraction"}
 MIN_FREE_SPOOL_BYTES = 5 * 1024**3
-MODEL_MANIFEST = "MANIFEST.json"
 
 
 @dataclass(frozen=True)
@@ -84,22 +82,13 @@ def _backend(settings: Settings) -> Finding:
 
 
 def _models() -> Finding:
-    from engines.backends import file_sha256
+    from engines.manifest import shipped_files, verify
 
-    manifest_path = MODELS_DIR / MODEL_MANIFEST
-    if not manifest_path.is_file():
-        return Finding("model files", "fail", f"no {manifest_path}: the model files are missing")
-    manifest: dict[str, str] = json.loads(manifest_path.read_text())["files"]
-    bad = []
-    for name, digest in manifest.items():
-        path = MODELS_DIR / name
-        if not path.is_file():
-            bad.append(f"{name} missing")
-        elif file_sha256(path) != digest:
-            bad.append(f"{name} checksum differs")
-    if bad:
-        return Finding("model files", "fail", "; ".join(bad) + " (reinstall the agent)")
-    return Finding("model files", "ok", f"{len(manifest)} files match their SHA-256 checksums")
+    problems = verify()
+    if problems:
+        return Finding("model files", "fail", "; ".join(problems) + " (reinstall the agent)")
+    return Finding("model files", "ok", f"{len(shipped_files())} files in {MODELS_DIR} match "
+                   "their SHA-256 checksums")
 
 
 def _bus(settings: Settings) -> Finding:
