@@ -1,0 +1,181 @@
+"""Operations: /healthz, /readyz and /metrics scraped during an end-to-end run (counters match
+what was sent), ``hust19 doctor`` on a working and on broken setups, SIGTERM during a series,
+JSON logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.app import ALL_ROLES, Agent
+from schemas import topics
+from tests.fixtures.dicom import SAMPLE, dcmtk, free_port, read_topic, run_storescu
+
+pytestmark = pytest.mark.slow
+
+WAIT_S = 90.0
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as rsp:  # noqa: S310 (loopback only)
+            return rsp.status, rsp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{wanted} not in /metrics")
+
+
+def test_health_ready_and_metrics_during_an_end_to_end_run(
+        running_agent: Callable[..., Agent], storescp: Callable[..., tuple[int, Path]],
+        tmp_path: Path) -> None:
+    pacs_port, pacs_dir = storescp(aet="PACS")
+    http = free_port()
+    agent = running_agent(roles=ALL_ROLES, pacs=[f"127.0.0.1:{pacs_port}:PACS"],
+                          http_port=http, series_quiet_s=1.0,
+                          lis=f"sqlite:///{tmp_path / 'lis.sqlite'}")
+    base = f"http://127.0.0.1:{http}"
+    assert _get(base + "/healthz") == (200, '{"status":"ok"}\n')
+    files = sorted(SAMPLE.glob("*.dcm"))
+    assert run_storescu(files, agent.port, "HUST19").returncode == 0
+    read_topic(agent.bus, topics.TRIAGE_RESULTS, 1, WAIT_S)
+    deadline = time.monotonic() + WAIT_S
+    while not any(p.name.startswith("SR") for p in pacs_dir.iterdir()):
+        assert time.monotonic() < deadline, "no SR at the PACS"
+        time.sleep(0.2)
+    time.sleep(0.5)
+
+    status, text = _get(base + "/metrics")
+    assert status == 200
+    assert _metric(text, "hust19_instances_received_total") == len(files)
+    assert _metric(text, "hust19_series_completed_total") == 1
+    assert _metric(text, "hust19_associations_total", 'outcome="accepted"') == 1
+    flags = sum(_metric(text, "hust19_results_total", f'flag="{f}"') for f in
+                ("control", "type1", "type2") if f'flag="{f}"' in text)
+    assert flags == 1
+    assert _metric(text, "hust19_sr_sent_total",
+                   f'destination="127.0.0.1:{pacs_port}:PACS"') == 1
+    assert _metric(text, "hust19_backend_info", 'backend="onnxruntime"') == 1
+    for stage in ("ingest", "slice_inference", "fusion", "sr_send"):
+        assert _metric(text, "hust19_stage_seconds_count", f'stage="{stage}"') >= 1
+    assert _metric(text, "hust19_stage_seconds_count", 'stage="ingest"') == len(files)
+
+    status, body = _get(base + "/readyz")
+    report = json.loads(body)
+    assert status == 200, report
+    assert set(report) >= {"bus", "spool", "lis", f"pacs 127.0.0.1:{pacs_port}:PACS", "models"}
+    assert _metric(_get(base + "/metrics")[1], "hust19_spool_depth") == 0
+
+
+def test_readyz_names_an_unreachable_pacs(running_agent: Callable[..., Agent],
+                                          tmp_path: Path) -> None:
+    http = free_port()
+    dead = free_port()
+    running_agent(roles=ALL_ROLES, pacs=[f"127.0.0.1:{dead}:NOPE"], http_port=http,
+                  lis=f"sqlite:///{tmp_path / 'lis.sqlite'}")
+    status, body = _get(f"http://127.0.0.1:{http}/readyz")
+    report = json.loads(body)
+    assert status == 503
+    assert report[f"pacs 127.0.0.1:{dead}:NOPE"] != "ok"
+    assert report["bus"] == "ok" and report["lis"] == "ok"
+
+
+def _hust19(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_doctor_on_a_working_setup(storescp: Callable[..., tuple[int, Path]],
+                                   tmp_path: Path) -> None:
+    pacs_port, _ = storescp(aet="PACS")
+    proc = _hust19("doctor", "--data-dir", str(tmp_path / "d"), "--pacs",
+                   f"127.0.0.1:{pacs_port}:PACS", "--lis", f"sqlite:///{tmp_path / 'lis.db'}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "[ ok ] model files" in out and "[ ok ] bus" in out and "[ ok ] lis" in out
+    assert f"[ ok ] pacs 127.0.0.1:{pacs_port}:PACS: C-ECHO answered Success" in out
+    assert "backend onnxruntime" in out  # no GPU here: said plainly
+    assert "Everything needed is in place." in out
+
+
+def test_doctor_reports_lis_down_pacs_down_and_no_gpu(tmp_path: Path) -> None:
+    dead = free_port()
+    proc = _hust19("doctor", "--json", "--data-dir", str(tmp_path / "d"), "--pacs",
+                   f"127.0.0.1:{dead}:NOPE", "--lis", "postgresql://nobody@127.0.0.1:1/none",
+                   "--backend", "tensorrt")
+    assert proc.returncode == 1
+    findings = {f["check"]: f for f in map(json.loads, proc.stdout.splitlines())}
+    assert findings["lis"]["level"] == "fail" and "not reachable" in findings["lis"]["message"]
+    assert "***" not in findings["lis"]["message"] or "nobody" in findings["lis"]["message"]
+    pacs = findings[f"pacs 127.0.0.1:{dead}:NOPE"]
+    assert pacs["level"] == "fail" and "C-ECHO failed" in pacs["message"]
+    gpu = findings["gpu / backend"]
+    assert gpu["level"] == "warn" and "fall back to ONNX Runtime" in gpu["message"]
+    assert findings["model files"]["level"] == "ok"
+
+
+def test_sigterm_during_a_series_loses_nothing_and_sends_one_sr(
+        storescp: Callable[..., tuple[int, Path]], tmp_path: Path) -> None:
+    pacs_port, pacs_dir = storescp(aet="PACS")
+    data, port = tmp_path / "data", free_port()
+    args = ["serve", "--data-dir", str(data), "--port", str(port), "--host", "127.0.0.1",
+            "--series-quiet-s", "4", "--pacs", f"127.0.0.1:{pacs_port}:PACS", "--log-json"]
+    log1 = tmp_path / "serve1.log"
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], stdout=log1.open("wb"),
+                            stderr=subprocess.STDOUT, env={**os.environ,
+                                                           "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while b"agent running" not in log1.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log1.read_text()
+            time.sleep(0.2)
+        files = sorted(SAMPLE.glob("*.dcm"))
+        assert run_storescu(files, port, "HUST19").returncode == 0  # all answered Success
+        time.sleep(1.0)  # mid-series: stored, not complete (4 s quiet)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert time.monotonic() - stopped < 45, "stop took too long"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [json.loads(line) for line in log1.read_text().splitlines() if line.startswith("{")]
+    assert any("received SIGTERM" in line["message"] for line in lines)
+    assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+    assert not [p for p in pacs_dir.iterdir() if p.name.startswith("SR")]
+
+    log2 = tmp_path / "serve2.log"
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], stdout=log2.open("wb"),
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not [p for p in pacs_dir.iterdir() if p.name.startswith("SR")]:
+            assert proc.poll() is None and time.monotonic() < deadline, log2.read_text()
+            time.sleep(0.3)
+        time.sleep(3)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    srs = [p for p in pacs_dir.iterdir() if p.name.startswith("SR")]
+    assert len(srs) == 1
+    dump = _hust19("bus", "dump", "--topic", topics.DICOM_INSTANCES, "--data-dir", str(data))
+    assert len(dump.stdout.splitlines()) == len(files)
+    results = _hust19("bus", "dump", "--topic", topics.TRIAGE_RESULTS, "--data-dir", str(data))
+    assert len(results.stdout.splitlines()) == 1
+    subprocess.run([dcmtk("dsrdump"), str(srs[0])], check=True, capture_output=True)
