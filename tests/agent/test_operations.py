@@ -28,7 +28,7 @@ WAIT_S = 90.0
 
 def _get(url: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=10) as rsp:  # noqa: S310 (loopback only)
+        with urllib.request.urlopen(url, timeout=10) as rsp:
             return rsp.status, rsp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
