@@ -16,11 +16,11 @@ from engines import MODELS_DIR
 from engines.backends import file_sha256
 
 MANIFEST_NAME: Final = "MANIFEST.json"
-SHIPPED_SUFFIXES: Final = (".onnx", ".json", ".csv")
+SHIPPED_SUFFIXES: Final = (".onnx", ".json")
 
 
 def shipped_files(models_dir: Path = MODELS_DIR) -> list[Path]:
-    """The files that ship with the package (weights, metadata, out-of-fold scores)."""
+    """The files that ship with the package (weights and their metadata)."""
     return sorted(p for p in models_dir.iterdir()
                   if p.is_file() and p.suffix in SHIPPED_SUFFIXES and p.name != MANIFEST_NAME
                   and not p.name.endswith(".fp16.onnx"))

@@ -43,13 +43,9 @@ RANGE_SOURCE_TEXT = {
 
 
 def _training_ids(model: CfModel) -> set[str]:
-    """Patient ids the shipped model was trained on (its out-of-fold score file), if known."""
-    path = model.path.with_name("cf_scores_oof.csv")
-    if not path.is_file():
-        return set()
-    with path.open(encoding="utf-8") as fh:
-        next(fh, None)
-        return {line.split(",", 1)[0] for line in fh if line.strip()}
+    """Patient ids the shipped model was trained on (listed in its metadata)."""
+    ids = model.meta.get("training", {}).get("patient_ids", [])
+    return {str(i) for i in ids}
 
 
 def evaluate(cohort: ictcf.Cohort, model: CfModel) -> tuple[dict[str, Any], np.ndarray,

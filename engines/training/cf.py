@@ -287,6 +287,7 @@ def train(ictcf_dir: Path, out_dir: Path, config: TrainConfig, *, folds: int = D
             "data": "iCTCF (../shared/data/ictcf): scored patients (control, type1, type2); "
                     "suspected excluded",
             "patients": len(data.y), "class_counts": counts,
+            "patient_ids": [str(i) for i in data.ids],
             "config": {**asdict(config), "hidden": list(config.hidden)},
             "framework": "PyTorch (CPU), exported to ONNX opset "
                          f"{ONNX_OPSET} with softmax in the graph",

@@ -14,17 +14,31 @@ from engines import fusion
 from engines.training import fusion as training
 from schemas.errors import EngineError, InputError
 
-CF_OOF = Path(fusion.__file__).with_name("models") / "cf_scores_oof.csv"
+
+@pytest.fixture(scope="module")
+def cf_oof(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """A CF score file in the training format (patient_id,label,control,type1,type2): the
+    shipped CF model's scores of the scored iCTCF patients. The real out-of-fold file stays
+    out of the repository (it carries iCTCF labels); its format is what matters here."""
+    from engines.cf import CfModel
+    from engines.ictcf import load_cohort
+    from engines.training.cf import write_scores
+
+    scored = [p for p in load_cohort(shared_data / "ictcf").patients if p.scored]
+    proba = CfModel.load_default().predict_values([p.values for p in scored])
+    path = tmp_path_factory.mktemp("cf") / "cf_scores_oof.csv"
+    write_scores(path, [p.patient_id for p in scored], [p.label for p in scored], proba)
+    return path
 
 
 @pytest.fixture(scope="module")
-def ct_scores(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ct_scores(tmp_path_factory: pytest.TempPathFactory, cf_oof: Path) -> Path:
     """A CT score file in the patient-CNN format (pseudo_patient_id,label,...,fold) with the
     CT data's labels (control / covid). Its scores are real out-of-fold scores (those of the
     shipped CF model, relabelled): a stand-in with the right format and label scheme, so that
     these tests do not depend on the patient-CNN training having run."""
     path = tmp_path_factory.mktemp("ct") / "patient_scores_oof.csv"
-    with CF_OOF.open() as src, path.open("w", newline="") as dst:
+    with cf_oof.open() as src, path.open("w", newline="") as dst:
         w = csv.writer(dst)
         w.writerow(["pseudo_patient_id", "label", "control", "type1", "type2", "fold"])
         for i, r in enumerate(list(csv.DictReader(src))[::4]):
@@ -34,16 +48,16 @@ def ct_scores(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(ct_scores: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(ct_scores: Path, cf_oof: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fusion")
-    args = argparse.Namespace(cf_scores=CF_OOF, ct_scores=ct_scores, out=out, target_sn=0.95,
+    args = argparse.Namespace(cf_scores=cf_oof, ct_scores=ct_scores, out=out, target_sn=0.95,
                               pairs_per_patient=2, folds=5, seed=0)
     assert training.main(args) == 0
     return out / "fusion.json"
 
 
-def test_pairing_is_label_matched(ct_scores: Path) -> None:
-    cf, ct = training.read_scores(CF_OOF), training.read_scores(ct_scores)
+def test_pairing_is_label_matched(ct_scores: Path, cf_oof: Path) -> None:
+    cf, ct = training.read_scores(cf_oof), training.read_scores(ct_scores)
     x, y, pairs = training.pair_by_label(cf, ct, 3, seed=1)
     assert x.shape == (3 * len(cf.ids), 6) and len(pairs) == len(y)
     ct_label = dict(zip(ct.ids, ct.labels, strict=True))
@@ -56,11 +70,11 @@ def test_pairing_is_label_matched(ct_scores: Path) -> None:
         training.pair_by_label(cf, only_covid, 1, seed=0)
 
 
-def test_json_round_trip_matches_sklearn(trained: Path, ct_scores: Path) -> None:
+def test_json_round_trip_matches_sklearn(trained: Path, ct_scores: Path, cf_oof: Path) -> None:
     doc = json.loads(trained.read_text())
     assert "SYNTHETIC" in doc["training"]["description"]
     model = fusion.FusionModel.load(trained)
-    cf, ct = training.read_scores(CF_OOF), training.read_scores(ct_scores)
+    cf, ct = training.read_scores(cf_oof), training.read_scores(ct_scores)
     x, y, _ = training.pair_by_label(cf, ct, 2, seed=0)
     ref = training._plr(doc["modes"]["plr"]["C"]).fit(x, y).predict_proba(x)
     np.testing.assert_allclose(model.apply("plr", x), ref, atol=1e-6)
@@ -68,10 +82,11 @@ def test_json_round_trip_matches_sklearn(trained: Path, ct_scores: Path) -> None
     assert again.version == model.version
 
 
-def test_thresholds_reach_target_sensitivity(trained: Path, ct_scores: Path) -> None:
+def test_thresholds_reach_target_sensitivity(trained: Path, ct_scores: Path,
+                                             cf_oof: Path) -> None:
     doc = json.loads(trained.read_text())
     model = fusion.FusionModel.load(trained)
-    modes: tuple[tuple[fusion.Mode, Path], ...] = (("cf_only", CF_OOF), ("ct_only", ct_scores))
+    modes: tuple[tuple[fusion.Mode, Path], ...] = (("cf_only", cf_oof), ("ct_only", ct_scores))
     for mode, path in modes:
         t = training.read_scores(path)
         covid = t.proba[:, 1] + t.proba[:, 2]
@@ -130,8 +145,8 @@ def test_shipped_fusion_loads() -> None:
     assert out.mode == "cf_only" and out.flag_general == "type1"
 
 
-def test_interim_document_without_ct_scores(tmp_path: Path) -> None:
-    args = argparse.Namespace(cf_scores=CF_OOF, ct_scores=None, out=tmp_path, target_sn=0.9,
+def test_interim_document_without_ct_scores(tmp_path: Path, cf_oof: Path) -> None:
+    args = argparse.Namespace(cf_scores=cf_oof, ct_scores=None, out=tmp_path, target_sn=0.9,
                               pairs_per_patient=1, folds=5, seed=0)
     assert training.main(args) == 0
     model = fusion.FusionModel.load(tmp_path / "fusion.json")
