@@ -307,6 +307,13 @@ class KafkaProducerAdapter(Producer):
         self._close_client(CLOSE_TIMEOUT_S)
 
     def _close_client(self, timeout_s: float) -> None:
+        if timeout_s == 0.0:
+            # kafka-python's close() flushes first and raises on a timeout without closing,
+            # so its __del__ would raise again later: abandon the unsent batches first.
+            accumulator = getattr(self._producer, "_accumulator", None)
+            if accumulator is not None:
+                with contextlib.suppress(Exception):
+                    accumulator.abort_incomplete_batches()
         with contextlib.suppress(KafkaError, OSError):
             self._producer.close(timeout=timeout_s)
 

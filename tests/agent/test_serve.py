@@ -136,12 +136,16 @@ def test_bus_down_while_series_arrives_then_caught_up(
 
 
 @pytest.mark.slow
-def test_demo_sends_the_sample_and_prints_what_arrived(tmp_path: Path) -> None:
+def test_demo_triages_the_sample_and_shows_the_sr(tmp_path: Path) -> None:
     result = subprocess.run([*HUST19, "demo", "--data-dir", str(tmp_path / "d")],
                             capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    assert "topic dicom.instances: 30 messages" in out
-    assert "30 instances (30 messages on the bus), generation 1, reason quiet_after_release" \
-        in out
-    assert "quarantined: 0" in out
+    assert "sending 30 files" in out
+    assert "linked to iCTCF patient 778 (a demo link, not the same person)" in out
+    assert "=== triage result (topic triage.results) ===" in out
+    assert "(30 instances)" in out
+    assert re.search(r"FLAG: (control|Type I|Type II)", out)
+    assert "modalities: CT yes" in out and "labs yes" in out and "fusion plr" in out
+    assert "=== the SR that arrived at the PACS" in out
+    assert "Comprehensive SR Document" in out and "HUST-19 triage category" in out
