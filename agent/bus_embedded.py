@@ -59,6 +59,7 @@ from typing import Final
 import crc32c
 
 from agent.bus import Bus, Consumer, Headers, Message, Producer
+from agent.durable import atomic_write, fsync_dir, write_all
 from schemas.errors import BusError
 
 logger = logging.getLogger(__name__)
@@ -98,13 +99,6 @@ def _group_dirname(group: str) -> str:
     return "x-" + group.encode("utf-8").hex()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _makedirs_durable(path: Path) -> None:
     """Create ``path`` and its missing parents, fsyncing each parent that gained an entry."""
@@ -116,7 +110,7 @@ def _makedirs_durable(path: Path) -> None:
     for d in reversed(missing):
         with contextlib.suppress(FileExistsError):
             d.mkdir()
-        _fsync_dir(d.parent)
+        fsync_dir(d.parent)
 
 
 def encode_record(key: bytes | None, value: bytes, headers: Headers,
@@ -168,17 +162,6 @@ def decode_body(body: bytes) -> tuple[int, bytes | None, Headers, bytes]:
         raise ValueError(str(exc)) from exc
 
 
-def _write_all(fd: int, buffers: Sequence[bytes]) -> None:
-    """Write every byte of ``buffers`` (``writev`` may write less than asked)."""
-    views = [memoryview(b) for b in buffers if len(b)]
-    while views:
-        n = os.writev(fd, views)
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
-
 
 class _TopicLog:
     """One topic's log file in this process: the append fd, the record index, the locks.
@@ -202,7 +185,7 @@ class _TopicLog:
         except OSError as exc:
             raise BusError(f"cannot open the log of topic {topic} at {path}: {exc}") from exc
         if created:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         with self.lock, self._file_lock():
             self._scan(recover=True)
 
@@ -263,7 +246,7 @@ class _TopicLog:
             try:
                 self._scan(recover=True)
                 for frame, body in frames:
-                    _write_all(self.fd, (frame, body))
+                    write_all(self.fd, (frame, body))
                     self.positions.append(self.end)
                     self.end += len(frame) + len(body)
             except OSError as exc:
@@ -547,18 +530,10 @@ class EmbeddedConsumer(Consumer):
 
     def _write_offset(self, topic: str, offset: int) -> None:
         path = self._offset_path(topic)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         data = json.dumps({"topic": topic, "partition": PARTITION, "next_offset": offset,
                            "committed_at_ms": int(time.time() * 1000)}).encode()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                _write_all(fd, [data])
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            atomic_write(path, data)
         except OSError as exc:
             raise BusError(f"embedded bus: commit of {topic} offset {offset} for group "
                            f"{self.group_id} failed: {exc}") from exc

@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import ssl
-import tempfile
 import threading
 import time
 import uuid
@@ -60,6 +59,7 @@ from pynetdicom.status import (
 )
 
 from agent.config import PacsDestination, Settings
+from agent.durable import atomic_write, fsync_dir
 from agent.metrics import STAGE_SR_SEND, Metrics
 from agent.uids import is_valid_uid
 from schemas.errors import InputError, PacsError
@@ -150,29 +150,6 @@ class _AssociationFailed(Exception):
     """Internal: the association could not be set up or broke down (reason in words)."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(target: Path, data: bytes, tmp_dir: Path) -> None:
-    """Write ``data`` to ``target`` atomically and durably (temp file, fsync, rename, fsync
-    of the directory)."""
-    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=target.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(target.parent)
 
 
 @contextlib.contextmanager
@@ -320,9 +297,9 @@ class PacsSender:
         }).encode()
         tmp = self._outbox / TMP_DIR
         with self._lock:
-            _write_durably(self._object_path(sop_uid), buffer.getvalue(), tmp)
+            atomic_write(self._object_path(sop_uid), buffer.getvalue(), tmp)
             for dest in self._destinations:
-                _write_durably(self._pending_dir(dest) / f"{sop_uid}{MARKER_SUFFIX}", marker,
+                atomic_write(self._pending_dir(dest) / f"{sop_uid}{MARKER_SUFFIX}", marker,
                                tmp)
         logger.info("SR %s (study %s) queued for %d PACS destination(s)", sop_uid, study_uid,
                     len(self._destinations))
@@ -359,7 +336,7 @@ class PacsSender:
                 current = None
             if current == delivery.token:  # not re-enqueued while we were sending
                 delivery.marker.unlink()
-                _fsync_dir(delivery.marker.parent)
+                fsync_dir(delivery.marker.parent)
             still_wanted = any(
                 (self._outbox / PENDING_DIR / folder.name /
                  f"{delivery.sop_instance_uid}{MARKER_SUFFIX}").exists()

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from agent.durable import fsync_dir, write_all
 from schemas.errors import Hust19Error
 
 logger = logging.getLogger(__name__)
@@ -153,28 +154,12 @@ class SeriesState:
         return self.instance_count > self.completed_count
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _write_durable(path: Path, parts: Sequence[bytes | memoryview]) -> int:
     """Create ``path`` (must not exist), write ``parts``, fsync the file and its directory."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    total = 0
     try:
-        views = [memoryview(p) for p in parts if len(p)]
-        total = sum(len(v) for v in views)
-        while views:
-            n = os.writev(fd, views)
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
+        total = write_all(fd, parts)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -182,7 +167,7 @@ def _write_durable(path: Path, parts: Sequence[bytes | memoryview]) -> int:
             os.unlink(path)
         raise
     os.close(fd)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return total
 
 
@@ -203,8 +188,8 @@ class Spool:
                 d.mkdir(parents=True, exist_ok=True)
             for i in range(FANOUT):
                 (self.root / f"{i:02x}").mkdir(exist_ok=True)
-            _fsync_dir(self.root)
-            _fsync_dir(self.data_dir)
+            fsync_dir(self.root)
+            fsync_dir(self.data_dir)
             self._db = sqlite3.connect(self.index_path, isolation_level=None,
                                        check_same_thread=False, timeout=30.0)
             self._db.execute("PRAGMA journal_mode=WAL")
