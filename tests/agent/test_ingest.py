@@ -25,12 +25,11 @@ from agent.bus import Bus, Message, open_bus
 from agent.status import StoreStatus
 from schemas import topics
 from schemas.messages import INSTANCE_SCHEMA
-from tests.fixtures.dicom import free_port, read_topic, run_storescu
+from tests.fixtures.dicom import SAMPLE, copy_series, free_port, read_topic, run_storescu
 from tests.fixtures.kafka import kafka_test_overrides
 
 StoreScp = Callable[..., tuple[int, Path]]
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "samples" / "lung-pet-ct-dx" / "Lung_Dx-A0002-B40f"
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
              b"UT", b"UV"}
 
@@ -114,32 +113,6 @@ def _with_full_meta(path: Path, out: Path) -> Path:
     return copy
 
 
-def make_long_series(out: Path, copies: int = 10) -> list[Path]:
-    """``copies`` x the 30-slice sample as one uncompressed series: new Study/Series/SOP
-    UIDs, ImagePositionPatient shifted per copy, pixel values unchanged."""
-    sources = sorted(SAMPLE.glob("*.dcm"))
-    study, series = generate_uid(), generate_uid()
-    first = dcmread(sources[0], stop_before_pixels=True)
-    last = dcmread(sources[-1], stop_before_pixels=True)
-    span = abs(float(last.ImagePositionPatient[2]) - float(first.ImagePositionPatient[2]))
-    step = span + float(first.SliceThickness or 8)
-    files = []
-    for c in range(copies):
-        for i, src in enumerate(sources):
-            ds = dcmread(src)
-            ds.StudyInstanceUID = study
-            ds.SeriesInstanceUID = series
-            ds.SOPInstanceUID = generate_uid()
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            x, y, z = (float(v) for v in ds.ImagePositionPatient)
-            ds.ImagePositionPatient = [x, y, z - c * step]
-            ds.InstanceNumber = c * len(sources) + i + 1
-            path = out / f"{c:02d}-{src.name}"
-            ds.save_as(path, enforce_file_format=True)
-            files.append(path)
-    return files
-
-
 @pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
 def bus_url(request: pytest.FixtureRequest) -> str:
     """The bus the agent publishes to: embedded, or a fresh Kafka test broker."""
@@ -197,7 +170,7 @@ def test_raw_bytes_are_kept_exactly_as_received(running_agent: Callable[..., Age
 @pytest.fixture(scope="module")
 def long_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """The 300-slice uncompressed series, built once for the module."""
-    return make_long_series(tmp_path_factory.mktemp("series"))
+    return copy_series(tmp_path_factory.mktemp("series"), copies=10)
 
 
 @pytest.mark.slow

@@ -21,8 +21,7 @@ from agent.app import Agent
 from agent.bus_embedded import EmbeddedBus
 from agent.bus_kafka import KafkaBus
 from schemas import topics
-from tests.agent.test_ingest import SAMPLE, make_long_series, read_topic
-from tests.fixtures.dicom import dcmtk, free_port, wait_port
+from tests.fixtures.dicom import SAMPLE, copy_series, dcmtk, free_port, read_topic, wait_port
 from tests.fixtures.kafka import MEMORY_STORAGE, kafka_test_overrides, tansu_binary
 
 HUST19 = [sys.executable, "-m", "agent.cli"]
@@ -67,7 +66,7 @@ def _stored(data_dir: Path) -> int:
 def test_kill_9_mid_series_loses_nothing_that_got_success(tmp_path: Path) -> None:
     src = tmp_path / "series"
     src.mkdir()
-    files = make_long_series(src, copies=4)
+    files = copy_series(src, copies=4)
     data_dir, port = tmp_path / "d", free_port()
     args = ("ingest", "--data-dir", str(data_dir), "--port", str(port))
     with hust19(*args, log=tmp_path / "1.log") as proc:
