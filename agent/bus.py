@@ -78,6 +78,14 @@ class Consumer(ABC):
         """The (topic, partition) pairs this member currently owns."""
 
     @abstractmethod
+    def positions(self) -> dict[tuple[str, int], int]:
+        """The next offset this member will read on each owned partition."""
+
+    @abstractmethod
+    def end_offsets(self) -> dict[tuple[str, int], int]:
+        """The log-end offset of each owned partition, now (a broker round trip on Kafka)."""
+
+    @abstractmethod
     def close(self) -> None:
         """Leave the group and release resources (commits nothing by itself)."""
 

@@ -39,8 +39,8 @@ class Metrics:
         self.outbox_depth = Gauge(
             "hust19_pacs_outbox_depth", "SR deliveries pending at PACS destinations", registry=r)
         self.consumer_lag = Gauge(
-            "hust19_consumer_lag", "messages consumed but not yet committed (work in flight)",
-            registry=r)
+            "hust19_consumer_lag",
+            "messages not yet read plus messages read whose work is unfinished", registry=r)
         self.backend = Gauge(
             "hust19_backend_info", "inference backend in use (1 = active)", ["backend"],
             registry=r)

@@ -81,6 +81,7 @@ EVENT_GRACE_S: Final = 30.0
 FINISHED_KEPT: Final = 64
 """Finished series kept in memory so that a late instance can re-complete them."""
 POLL_TIMEOUT_S: Final = 0.5
+LAG_INTERVAL_S: Final = 5.0
 LAB_KINDS: Final = ("lab",)
 PIXEL_DATA_GROUP: Final = 0x7FE00000
 
@@ -193,6 +194,7 @@ class TriageWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._assignment: set[TopicPartition] = set()
+        self._lag_checked = 0.0
         self.metrics.backend.labels(backend=models.backend_name).set(1)
 
     @property
@@ -271,8 +273,20 @@ class TriageWorker:
         self._finish_ready()
         self._run_retries()
         self._commit()
-        self.metrics.consumer_lag.set(self._tracker.in_flight_count())
+        self._update_lag()
         return len(messages)
+
+    def _update_lag(self) -> None:
+        """Consumer lag = messages not yet read + messages read whose work is unfinished;
+        the log ends are asked for at most every LAG_INTERVAL_S (a broker round trip)."""
+        now = time.monotonic()
+        if self._consumer is None or now - self._lag_checked < LAG_INTERVAL_S:
+            return
+        self._lag_checked = now
+        ends = self._consumer.end_offsets()
+        positions = self._consumer.positions()
+        unread = sum(max(0, end - positions.get(tp, end)) for tp, end in ends.items())
+        self.metrics.consumer_lag.set(unread + self._tracker.in_flight_count())
 
     def _check_assignment(self) -> None:
         assert self._consumer is not None

@@ -20,7 +20,7 @@ import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from agent.bus import Bus, Message, open_bus
 from agent.cli import setup_logging
@@ -32,15 +32,6 @@ logger = logging.getLogger(__name__)
 POLL_TIMEOUT_S: Final = 0.5
 PING_TIMEOUT_S: Final = 5.0
 POLL_BATCH: Final = 500
-
-
-class _Positional(Protocol):
-    """What ``dump`` needs beyond :class:`agent.bus.Consumer` (both implementations have it)."""
-
-    def poll(self, timeout_s: float = 1.0, max_records: int = 100) -> list[Message]: ...
-    def positions(self) -> dict[tuple[str, int], int]: ...
-    def end_offsets(self) -> dict[tuple[str, int], int]: ...
-    def close(self) -> None: ...
 
 
 def message_json(m: Message) -> dict[str, Any]:
@@ -88,7 +79,7 @@ def dump(args: argparse.Namespace) -> int:
     logger.info("bus dump: %s", bus.describe())
     printed = 0
     try:
-        consumer: _Positional = bus.consumer(None, [args.topic])  # type: ignore[assignment]
+        consumer = bus.consumer(None, [args.topic])
         try:
             end = consumer.end_offsets()
             while args.max is None or printed < args.max:
