@@ -239,3 +239,35 @@ def test_kill9_worker_mid_series_gives_exactly_one_sr(
                           capture_output=True, text=True, timeout=60, check=True)
     assert dump.stdout.strip(), "no result on triage.results"
     _dsrdump_ok(sr)
+
+
+def test_labs_that_arrive_later_reissue_the_result_with_the_same_sr_uid(
+        running_agent: Callable[..., Agent], storescp: Callable[..., tuple[int, Path]],
+        tmp_path: Path, shared_data: Path) -> None:
+    """Unknown patient at completion: CT-only result saying so; with lis_retry_s the lookup
+    is retried, and once the labs are in the LIS the result is re-issued fused, with the
+    same SR UID (the PACS keeps one report)."""
+    pacs_port, pacs_dir = storescp(aet="PACS")
+    lis = f"sqlite:///{tmp_path / 'lis.sqlite'}"
+    import_ictcf(shared_data / "ictcf", lis, patient_ids=[LINKED_ICTCF_PATIENT])  # no alias yet
+    agent = running_agent(roles=ALL_ROLES, pacs=[f"127.0.0.1:{pacs_port}:PACS"], lis=lis,
+                          series_quiet_s=1.0, lis_retry_s=3.0)
+    assert run_storescu(_sample_files(), agent.port, "HUST19").returncode == 0
+    (first,) = _results(agent, 1)
+    assert first.availability is not None and not first.availability.cf
+    assert first.availability.cf_reason == "patient not found in the LIS"
+    _demo_lis(lis, shared_data)  # the labs (the alias) arrive
+    first_again, second = _results(agent, 2)
+    assert first_again == first
+    assert second.availability is not None and second.availability.cf
+    assert second.availability.fusion == "plr"
+    assert second.sr_sop_instance_uid == first.sr_sop_instance_uid
+    assert second.scores.ct == first.scores.ct
+    deadline = time.monotonic() + SR_WAIT_S
+    while True:  # the re-issued SR replaces the first one under the same UID
+        srs = _sr_files(pacs_dir)
+        assert [p.name for p in srs] == [f"SRc.{first.sr_sop_instance_uid}"]
+        if "HUST-19 clinical-feature model" in _dsrdump_ok(srs[0]):
+            break
+        assert time.monotonic() < deadline, "the re-issued SR with CF scores did not arrive"
+        time.sleep(0.5)
