@@ -200,7 +200,9 @@ def _why_not_established(assoc: Association, heard: list[Any],
         if isinstance(primitive, A_P_ABORT):
             return f"association aborted (A-P-ABORT, reason {primitive.provider_reason})"
     if not heard:  # pynetdicom flags a failed TCP connect as aborted: say what it was
-        return "no connection (destination down, unreachable or not answering)"
+        return ("no connection, or closed at once without an answer (destination down, "
+                "unreachable, not answering, or refusing and closing before its rejection "
+                "was read)")
     if assoc.is_rejected:
         return "association rejected"
     return "association aborted"

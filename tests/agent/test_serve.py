@@ -81,7 +81,7 @@ def test_kill_9_mid_series_loses_nothing_that_got_success(tmp_path: Path) -> Non
         proc.wait(10)
         output, _ = scu.communicate(timeout=60)
     successes = len(re.findall(r"Received Store Response \(Success\)", output))
-    assert 20 <= successes < len(files), output[-2000:]
+    assert 0 < successes < len(files), output[-2000:]  # killed mid-series
     acknowledged = {f.name for f in files[:successes]}  # storescu sends in order
     with hust19(*args, log=tmp_path / "2.log") as proc:
         wait_port(port)
