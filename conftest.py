@@ -2,7 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures.paths",
-    "tests.fixtures.kafka",
     "tests.fixtures.dicom",
+    "tests.fixtures.kafka",
     "tests.fixtures.databases",
 ]
