@@ -4,8 +4,8 @@ Producer: ``acks="all"``, idempotent, keyed (the default partitioner hashes the 
 series stays on one partition and in order), ``compression_type`` from the settings,
 ``max_request_size`` :data:`MAX_MESSAGE_BYTES` (64 MiB: an enhanced multi-frame CT instance can
 be tens of MB; the brokers' ``message.max.bytes`` / topics' ``max.message.bytes`` and
-``replica.fetch.max.bytes`` must be raised to match, see ``docs/readme/bus.md``) and unlimited
-retries within ``delivery_timeout_ms``. :meth:`KafkaProducerAdapter.flush` waits for every
+``replica.fetch.max.bytes`` must be raised to match, see the README, "The message bus") and
+unlimited retries within ``delivery_timeout_ms``. :meth:`KafkaProducerAdapter.flush` waits for every
 acknowledgement and raises :class:`BusError` if any send failed.
 
 Consumer: ``enable_auto_commit=False``, ``auto_offset_reset="earliest"``; offsets are committed

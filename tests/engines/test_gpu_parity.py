@@ -2,7 +2,7 @@
 
 Each test says in its skip reason what it would check. They need an NVIDIA GPU with the
 ``gpu`` extra (tensorrt + pycuda, and cupy for the lung tests); none of them has been run in
-the session that wrote them (no GPU was lent), see docs/readme/gpu.md.
+the session that wrote them (no GPU was lent), see the README, "GPU path".
 
 - engine cache round trip: build -> cached -> loaded without a build -> a corrupted engine is
   rebuilt, not trusted;
