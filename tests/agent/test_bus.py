@@ -186,20 +186,24 @@ def test_open_bus_selects_the_implementation(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_kafka_group_members_split_partitions_and_see_each_message_once(
         fresh_kafka_broker: str) -> None:
-    # its own broker: on the session broker, after many groups, tansu's rebalance of a new
-    # group could leave one member without partitions for minutes on this 2-core machine
     bus = KafkaBus([fresh_kafka_broker.removeprefix("kafka://")], **kafka_test_overrides())
     try:
         topic = _topic(bus, partitions=4)
         group = f"g-{uuid.uuid4().hex[:8]}"
         members = [bus.consumer(group, [topic]), bus.consumer(group, [topic])]
+        every = {(topic, p) for p in range(4)}
+
+        def split() -> tuple[set[tuple[str, int]], ...] | None:
+            """Both members' assignments, if they split the partitions (one snapshot: the
+            group may go through more than one rebalance while the members join)."""
+            a, b = (c.assignment() for c in members)
+            return (a, b) if a and b and not a & b and a | b == every else None
+
         deadline = time.monotonic() + 90  # a rebalance on a loaded 2-core box
-        while not all(c.assignment() for c in members) and time.monotonic() < deadline:
+        while (snapshot := split()) is None and time.monotonic() < deadline:
             for c in members:
                 assert c.poll(0.2) == []  # nothing produced yet
-        a, b = (c.assignment() for c in members)
-        assert a and b and not a & b
-        assert a | b == {(topic, p) for p in range(4)}
+        assert snapshot is not None, [c.assignment() for c in members]
 
         producer = bus.producer()
         keys = [f"series-{k}".encode() for k in range(8)]
