@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -186,48 +187,73 @@ def test_open_bus_selects_the_implementation(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_kafka_group_members_split_partitions_and_see_each_message_once(
         fresh_kafka_broker: str) -> None:
+    """Two members of one group, each polled by its own thread (as two workers would be: a
+    member that cannot poll while the other waits in its JoinGroup stalls the rebalance)."""
     bus = KafkaBus([fresh_kafka_broker.removeprefix("kafka://")], **kafka_test_overrides())
+    topic = _topic(bus, partitions=4)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    every = {(topic, p) for p in range(4)}
+    stop = threading.Event()
+    lock = threading.Lock()
+    owned: dict[int, set[tuple[str, int]]] = {0: set(), 1: set()}
+    got: list[tuple[int, Message]] = []
+    errors: list[BaseException] = []
+
+    def member(idx: int) -> None:
+        consumer = bus.consumer(group, [topic])
+        try:
+            while not stop.is_set():
+                batch = consumer.poll(0.2, 100)
+                assignment = consumer.assignment()
+                with lock:
+                    owned[idx] = assignment
+                    for m in batch:
+                        assert (m.topic, m.partition) in assignment
+                        got.append((idx, m))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            consumer.close()
+
+    threads = [threading.Thread(target=member, args=(i,), daemon=True) for i in (0, 1)]
+    for t in threads:
+        t.start()
     try:
-        topic = _topic(bus, partitions=4)
-        group = f"g-{uuid.uuid4().hex[:8]}"
-        members = [bus.consumer(group, [topic]), bus.consumer(group, [topic])]
-        every = {(topic, p) for p in range(4)}
-
-        def split() -> tuple[set[tuple[str, int]], ...] | None:
-            """Both members' assignments, if they split the partitions (one snapshot: the
-            group may go through more than one rebalance while the members join)."""
-            a, b = (c.assignment() for c in members)
-            return (a, b) if a and b and not a & b and a | b == every else None
-
         deadline = time.monotonic() + 90  # a rebalance on a loaded 2-core box
-        while (snapshot := split()) is None and time.monotonic() < deadline:
-            for c in members:
-                assert c.poll(0.2) == []  # nothing produced yet
-        assert snapshot is not None, [c.assignment() for c in members]
+        while time.monotonic() < deadline:
+            with lock:
+                a, b = owned[0], owned[1]
+            if a and b and not a & b and a | b == every:
+                break
+            time.sleep(0.2)
+        assert a and b and not a & b and a | b == every, (a, b)
+        with lock:
+            assert got == []  # nothing produced yet
 
         producer = bus.producer()
         keys = [f"series-{k}".encode() for k in range(8)]
         for i in range(80):
             producer.send(topic, keys[i % 8], f"{i}".encode())
         producer.flush()
-        got: list[tuple[int, Message]] = []
-        deadline = time.monotonic() + 30
-        while len(got) < 80 and time.monotonic() < deadline:
-            for idx, member in enumerate(members):
-                for m in member.poll(0.3, 100):
-                    assert (m.topic, m.partition) in member.assignment()
-                    got.append((idx, m))
-        assert len(got) == 80
-        assert len({(m.partition, m.offset) for _, m in got}) == 80  # each exactly once
-        assert {idx for idx, _ in got} == {0, 1}  # both members worked
-        for key in keys:
-            values = [int(m.value) for _, m in got if m.key == key]
-            assert values == sorted(values) and len(values) == 10
         producer.close()
-        for member in members:
-            member.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with lock:
+                if len(got) >= 80:
+                    break
+            time.sleep(0.1)
     finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
         bus.close()
+    assert not errors, errors
+    assert len(got) == 80
+    assert len({(m.partition, m.offset) for _, m in got}) == 80  # each exactly once
+    assert {idx for idx, _ in got} == {0, 1}  # both members worked
+    for key in keys:
+        values = [int(m.value) for _, m in got if m.key == key]
+        assert values == sorted(values) and len(values) == 10
 
 
 def test_kafka_uses_native_crc32c_and_safe_producer_settings() -> None:
