@@ -10,12 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pydicom
+
+# The repository first: run as `python bench/lung.py`, this folder's engines.py (the network
+# benchmark) would otherwise shadow the engines package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.lung import extract_batch
 from engines.lung_xp import extract_batch_xp
