@@ -24,9 +24,20 @@ logger = logging.getLogger(__name__)
 
 
 def register(sub: Any) -> None:
-    parser = sub.add_parser("serve", help="run the agent: DICOM listener, bus, worker, SR",
-                            description=__doc__)
+    register_roles(sub, "serve", ALL_ROLES, "run the agent: DICOM listener, bus, worker, SR",
+                   __doc__)
+
+
+def register_roles(sub: Any, name: str, roles: frozenset[str], help_text: str,
+                   description: str | None) -> None:
+    """A command that runs the agent with ``roles`` until SIGINT/SIGTERM, taking the shared
+    settings flags (``serve``, ``ingest``, ``worker``)."""
+    parser = sub.add_parser(name, help=help_text, description=description)
     add_settings_args(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        return run_until_signal(Agent(settings_from_args(args), roles=roles))
+
     parser.set_defaults(func=run)
 
 
@@ -53,7 +64,3 @@ def run_until_signal(agent: Agent) -> int:
             signal.signal(s, handler)
     return 0
 
-
-def run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    return run_until_signal(Agent(settings, roles=ALL_ROLES))

@@ -4,23 +4,12 @@ SIGINT or SIGTERM. Several workers in one Kafka consumer group share the partiti
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
-from agent.app import ROLE_WORKER, Agent
-from agent.commands.common import add_settings_args, settings_from_args
-from agent.commands.serve import run_until_signal
-
-ROLES_WORKER = frozenset({ROLE_WORKER})
+from agent.app import ROLE_WORKER
+from agent.commands.serve import register_roles
 
 
 def register(sub: Any) -> None:
-    parser = sub.add_parser("worker", help="run only the triage worker and the SR sender",
-                            description=__doc__)
-    add_settings_args(parser)
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    return run_until_signal(Agent(settings, roles=ROLES_WORKER))
+    register_roles(sub, "worker", frozenset({ROLE_WORKER}),
+                   "run only the triage worker and the SR sender", __doc__)
