@@ -169,6 +169,13 @@ def test_two_workers_in_one_group_on_kafka_with_postgres_lis(
               "series_quiet_s": 1.0}
     workers = [running_agent(roles=frozenset({ROLE_WORKER}), **common) for _ in range(2)]
     ingest = running_agent(roles=frozenset({ROLE_INGEST}), **common)
+    deadline = time.monotonic() + 60
+    while True:  # the group has settled: both workers own partitions, none twice
+        owned = [w.worker.assignment if w.worker is not None else set() for w in workers]
+        if all(owned) and not owned[0] & owned[1]:
+            break
+        assert time.monotonic() < deadline, f"both workers own partitions: {owned}"
+        time.sleep(0.2)
     series = [_sample_files(), copy_series(tmp_path / "copy1"), copy_series(tmp_path / "copy2")]
     for files in series:
         assert run_storescu(files, ingest.port, "HUST19").returncode == 0
@@ -182,8 +189,6 @@ def test_two_workers_in_one_group_on_kafka_with_postgres_lis(
     sample_result = next(r for r in results if r.patient_id == SAMPLE_PATIENT
                          and r.series_uid == pydicom.dcmread(series[0][0]).SeriesInstanceUID)
     assert sample_result.availability is not None and sample_result.availability.cf
-    owned = [w.worker.assignment for w in workers if w.worker is not None]
-    assert all(owned), f"both workers own partitions: {owned}"
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
