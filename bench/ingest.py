@@ -25,7 +25,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.fixtures.dicom import copy_series, dcmtk, free_port, wait_port  # noqa: E402
+from tests.fixtures.dicom import (  # noqa: E402
+    copy_series,
+    dcmtk,
+    free_port,
+    stop_process,
+    wait_port,
+)
 
 
 def _peak_rss_kib(pid: int) -> int:
@@ -63,11 +69,7 @@ def _run(kind: str, files: list[Path], work: Path) -> dict[str, float]:
                 "instances_per_s": round(len(files) / seconds, 1),
                 "peak_rss_mib": round(_peak_rss_kib(proc.pid) / 1024, 1)}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout_s=30)
 
 
 def main() -> int:

@@ -32,7 +32,7 @@ from agent.pacs import (
 from agent.sr import CATEGORY_CODES, TRIAGE_CATEGORY, SrSource, build_sr
 from schemas.errors import InputError, PacsError
 from tests.agent.test_sr import VERSION, dsrdump, make_result, source_from
-from tests.fixtures.dicom import dcmtk, free_port, is_listening
+from tests.fixtures.dicom import dcmtk, free_port, is_listening, stop_process
 
 PACS_AET = "PACS"
 CALLING_AET = "HUST19"
@@ -78,13 +78,8 @@ class StoreScp:
         raise RuntimeError("storescp did not start listening")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
 
     def received(self) -> list[Path]:

@@ -20,7 +20,15 @@ from agent.app import ALL_ROLES, ROLE_INGEST, ROLE_WORKER, Agent
 from agent.commands.lis import import_ictcf
 from schemas import topics
 from schemas.messages import DeadLetter, TriageResult
-from tests.fixtures.dicom import SAMPLE, copy_series, dcmtk, free_port, read_topic, run_storescu
+from tests.fixtures.dicom import (
+    SAMPLE,
+    copy_series,
+    dcmtk,
+    free_port,
+    read_topic,
+    run_storescu,
+    stop_process,
+)
 from tests.fixtures.kafka import kafka_test_overrides
 
 pytestmark = pytest.mark.slow
@@ -202,13 +210,7 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
     yield procs
     for p in procs:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_process(p, timeout_s=15)
 
 
 def test_kill9_worker_mid_series_gives_exactly_one_sr(
