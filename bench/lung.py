@@ -4,7 +4,7 @@ Usage: ``.venv/bin/python bench/lung.py [--series DIR] [--repeat N]``; prints JS
 windowing are done once before timing; the timings cover lung extraction only (crop, mask,
 200x200 resize) of the whole series. Three OpenCV figures: one process with OpenCV on one thread
 (the per-core rate), one process with OpenCV's default threads, and one forked process per core
-each taking a share of the slices (what a worker with a process pool gets).
+each taking a share of the slices (how the rate scales over the cores).
 """
 
 from __future__ import annotations
@@ -74,12 +74,13 @@ def main() -> None:
     images = np.stack([dataset_to_u8(datasets[k]) for k in order])
     count = len(images)
     cores = os.cpu_count() or 1
+    # the pool first: forking after OpenCV has started its worker threads can deadlock a child
+    pool = _pool_rate(images, cores, args.repeat)
     default_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     one_thread = _best_rate(lambda: extract_batch(images), count, args.repeat)
     cv2.setNumThreads(default_threads)
     opencv = _best_rate(lambda: extract_batch(images), count, args.repeat)
-    pool = _pool_rate(images, cores, args.repeat)
     numpy_xp = _best_rate(lambda: extract_batch_xp(images), count, args.repeat)
     print(
         json.dumps(
