@@ -3,6 +3,8 @@
 - slice CNN: slices/s and achieved GFLOP/s at batch 1, 16 and 64 (random crops; the cost does
   not depend on the pixels);
 - patient CNN: latency of one 10x200x200 stack;
+- lung extraction (OpenCV path) of the series' 512x512 slices on one thread: the per-core rate
+  (``bench/lung.py`` adds the multi-thread, process-per-core and array-module figures);
 - a whole real series (default normal001, 154 slices): time from decoded 8-bit pixels to the CT
   result (lung extraction + slice CNN in micro-batches of 16 + top-10 + patient CNN), i.e.
   :class:`engines.triage.SeriesScorer` as the worker runs it. DICOM decoding is timed apart.
@@ -21,11 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from engines import lung  # noqa: E402
 from engines.patient_model import PatientModel  # noqa: E402
 from engines.slice_model import SliceModel  # noqa: E402
 from engines.triage import SeriesScorer, SliceInput  # noqa: E402
@@ -80,7 +84,12 @@ def bench_series(slice_model: SliceModel, patient_model: PatientModel, folder: P
 
     t = _best(run, repeats)
     ct = result["ct"]
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    lung_s = _best(lambda: lung.extract_batch(images), repeats)
+    cv2.setNumThreads(threads)
     return {"series": folder.name, "slices": len(items),
+            "lung_extraction_1_thread_slices_per_s": round(len(images) / lung_s, 1),
             "decode_and_window_s": round(decode_s, 3),
             "pixels_to_result_s": round(t, 3), "slices_per_s": round(len(items) / t, 2),
             "ct_scores": None if ct.proba is None else [round(float(v), 4) for v in ct.proba]}
