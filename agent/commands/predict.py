@@ -10,6 +10,9 @@ fusion. An empty folder or a folder without a usable CT slice exits with status 
 ``--labs`` is a JSON object mapping catalogue codes (``schemas/clinical_features.json``) to a
 number, or to ``{"value": 1.2, "unit": "mg/L", "qualifier": "<", "low": 0, "high": 5}``;
 ``gender`` is 0/1 and ``Udis`` (underlying diseases) 0/1 as in the paper.
+
+The threshold and the backend come from the settings (``--config`` TOML, ``HUST19_THRESHOLD`` /
+``HUST19_BACKEND``) unless the flags name them, as for ``serve``.
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ def register(sub: Any) -> None:
     p = sub.add_parser("predict", help="triage one DICOM CT series folder offline (JSON out)")
     p.add_argument("series_dir", type=Path, metavar="SERIES_DIR")
     p.add_argument("--labs", type=Path, metavar="FILE", help="JSON lab values for the CF side")
-    p.add_argument("--threshold", choices=["general", "sensitive"], default="general")
-    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
+    p.add_argument("--config", type=Path, help="TOML settings file (threshold, backend)")
+    p.add_argument("--threshold", choices=["general", "sensitive"], default=None,
+                   help="decision threshold (default: the settings', general)")
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default=None,
+                   help="inference backend (default: the settings', auto)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    default="WARNING")
     p.set_defaults(func=run)
@@ -161,8 +167,10 @@ def predict(folder: Path, labs: Path | None = None, threshold: str = "general",
 def run(args: argparse.Namespace) -> int:
     """Entry of ``hust19 predict``."""
     from agent.cli import setup_logging
+    from agent.config import load_settings
 
     setup_logging(args.log_level)
-    result = predict(args.series_dir, args.labs, args.threshold, args.backend)
+    settings = load_settings(args.config, {"threshold": args.threshold, "backend": args.backend})
+    result = predict(args.series_dir, args.labs, settings.threshold, settings.backend)
     print(json.dumps(result, indent=2))
     return 0

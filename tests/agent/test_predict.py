@@ -56,3 +56,31 @@ def test_p002_subset_with_junk_file(tmp_path: Path, chest_series: Path) -> None:
     assert out["ct"]["n_slices"] == 40
     assert out["models"]["slice"].startswith("slice-")
     assert out["models"]["patient"].startswith("patient-")
+
+
+@pytest.mark.slow
+def test_threshold_from_the_settings_file(tmp_path: Path, chest_series: Path) -> None:
+    """Without --threshold the settings decide (as for serve); the flag still wins over them."""
+    series = tmp_path / "series"
+    series.mkdir()
+    for f in sorted((chest_series / "P002").iterdir())[40:60]:
+        shutil.copy(f, series / f.name)
+    config = tmp_path / "hust19.toml"
+    config.write_text('[hust19]\nthreshold = "sensitive"\nbackend = "onnxruntime"\n')
+    from_file = _predict(str(series), "--config", str(config))
+    assert from_file.returncode == 0, from_file.stderr
+    assert json.loads(from_file.stdout)["threshold"] == "sensitive"
+    flag_wins = _predict(str(series), "--config", str(config), "--threshold", "general")
+    assert flag_wins.returncode == 0, flag_wins.stderr
+    assert json.loads(flag_wins.stdout)["threshold"] == "general"
+
+
+def test_bad_settings_file_is_one_line_naming_the_setting(tmp_path: Path) -> None:
+    """A settings error is a configuration failure (exit 1, as for every command), not a
+    traceback."""
+    config = tmp_path / "bad.toml"
+    config.write_text('[hust19]\nthreshold = "lenient"\n')
+    proc = _predict(str(tmp_path), "--config", str(config))
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "'threshold'" in proc.stderr
