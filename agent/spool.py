@@ -2,19 +2,33 @@
 
 Layout under ``data_dir``::
 
-    spool/<xx>/<sha256(SOP Instance UID)[:40]>.<random>.dcm   one Part-10 file per instance
-    spool.sqlite                                                the index (WAL, synchronous=FULL)
-    quarantine/<time>-<random>.dcm + .json                      rejected input and the reason
+    spool/<xx>/<random>.dcm                 one Part-10 file per instance (sealed, see below)
+    spool.sqlite                            the index (WAL)
+    quarantine/<time>-<random>.dcm + .json  rejected input and the reason
 
-Why it is safe to answer Success once :meth:`Spool.store` returns:
+**Sealed mode** (the default, wherever the file system keeps ``user.*`` extended attributes):
+the spool file itself is the durable record of an accepted instance, and it costs one fsync.
 
-1. the file is created with ``O_EXCL`` under a unique name, written, ``fsync``'d, and its
-   directory ``fsync``'d;
-2. only then the index row is committed (SQLite WAL with ``synchronous=FULL`` fsyncs the log on
-   commit), in the same transaction as the series' running totals.
+1. Spool files are taken from a pool of empty files created ahead of time, ``POOL_BATCH`` at a
+   time in one directory, whose directory is then ``fsync``'d once: the name of every pool file
+   is already on disk before any instance is written into it.
+2. :meth:`Spool.store` writes the Part-10 bytes into a pool file, attaches the *seal* (extended
+   attribute ``user.hust19.seal``: JSON with the size, the CRC-32C of the bytes and the index
+   fields of the instance) and ``fsync``'s the file: data, size and seal in one journal commit.
+3. Then the index row is committed (WAL, ``synchronous=NORMAL``: no fsync of its own), in the
+   same transaction as the series' running totals. Success may be answered once this returns.
 
-A crash between 1 and 2 leaves a file with no index row; no Success was sent for it, so the
-sender will send it again, and :meth:`Spool.recover` deletes such orphans at the next start.
+A crash (or power loss) can lose the last index commits, never a sealed file: at the next start
+:meth:`Spool.recover` indexes every spool file without an index row whose seal matches its
+bytes (the outbox then publishes it), and deletes files without a valid seal (written but never
+sealed: a store that was interrupted, so no Success was sent) and unused pool files.
+Lost ``published``/``completed`` marks only mean a re-publication (at-least-once).
+
+**Compatibility mode** (no extended attributes, e.g. an old tmpfs): files are created with
+``O_EXCL`` under a new name, written, ``fsync``'d, their directory ``fsync``'d, and the index
+commit is the durable point (``synchronous=FULL``); a file without an index row is an
+interrupted store and is deleted at the next start. Three fsyncs per instance instead of one.
+
 A duplicate SOP Instance UID is stored once: the index has a UNIQUE key on it, and the loser of
 a race between two associations deletes its own file.
 
@@ -26,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import hashlib
 import json
 import logging
@@ -35,9 +50,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Final
+
+import crc32c
 
 from agent.durable import fsync_dir, write_all
 from schemas.errors import Hust19Error
@@ -50,7 +67,18 @@ INDEX_FILE: Final = "spool.sqlite"
 FANOUT: Final = 256
 """Spool files are spread over this many sub-directories (first byte of the name hash)."""
 NAME_HASH_CHARS: Final = 40
+"""Compatibility mode names a file after this many hex digits of its SOP Instance UID hash."""
+POOL_NAME_BYTES: Final = 10
+"""Random bytes in the name of a pool file (hex-encoded)."""
 SUFFIX: Final = ".dcm"
+POOL_BATCH: Final = 32
+"""Empty spool files created (and made durable by one directory fsync) per pool refill."""
+SEAL_XATTR: Final = "user.hust19.seal"
+"""Extended attribute that seals a complete spool file (see the module docstring)."""
+SEAL_VERSION: Final = 1
+MAX_SEAL_BYTES: Final = 4000
+"""A seal must fit one file-system block of extended attributes (4 KiB on ext4)."""
+_XATTR_UNSUPPORTED: Final = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM})
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -91,6 +119,17 @@ CREATE INDEX IF NOT EXISTS series_open ON series (series_uid)
 
 class SpoolError(Hust19Error):
     """The spool could not store or read an instance (disk full, permissions, corrupt index)."""
+
+
+class _Recovered(enum.Enum):
+    """What :meth:`Spool.recover` did with a spool file that had no index row."""
+
+    INDEXED = "indexed"
+    DUPLICATE = "duplicate"
+    REMOVED = "removed"
+    POOL = "pool"
+    QUARANTINED = "quarantined"
+    GONE = "gone"
 
 
 class StoreOutcome(enum.Enum):
@@ -171,14 +210,106 @@ def _write_durable(path: Path, parts: Sequence[bytes | memoryview]) -> int:
     return total
 
 
+def _seal_bytes(info: InstanceInfo, size: int, crc: int) -> bytes:
+    """The seal of a complete spool file: what :meth:`Spool.recover` needs to check the bytes
+    and to index the instance without parsing DICOM."""
+    record = {"v": SEAL_VERSION, "size": size, "crc32c": crc, "info": asdict(info)}
+    data = json.dumps(record, separators=(",", ":")).encode()
+    if len(data) > MAX_SEAL_BYTES:  # only the optional hints can be long: drop them
+        record["info"] = {**asdict(info), "patient_id": None, "accession_number": None,
+                          "modality": None}
+        data = json.dumps(record, separators=(",", ":")).encode()
+    return data
+
+
+def _write_sealed(path: Path, parts: Sequence[bytes | memoryview], info: InstanceInfo) -> int:
+    """Write ``parts`` into the empty pool file ``path``, seal it and fsync it (one fsync:
+    the directory entry is already durable). On failure the file is removed."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    try:
+        if os.fstat(fd).st_size != 0:
+            raise OSError(errno.EEXIST, "pool file is not empty", str(path))
+        total = write_all(fd, parts)
+        crc = 0
+        for part in parts:
+            crc = crc32c.crc32c(part, crc)
+        os.setxattr(fd, SEAL_XATTR, _seal_bytes(info, total, crc))
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+    return total
+
+
+class SealError(Exception):
+    """A spool file carries a seal that cannot be read (another version, damaged)."""
+
+
+def _read_seal(path: str) -> tuple[int, int, InstanceInfo] | None:
+    """``(size, crc32c, info)`` from a spool file's seal, ``None`` if it has none; raises
+    :class:`SealError` if it has one that cannot be read."""
+    try:
+        raw = os.getxattr(path, SEAL_XATTR)
+    except OSError:
+        return None
+    try:
+        record = json.loads(raw)
+        if record.get("v") != SEAL_VERSION:
+            raise SealError(f"seal version {record.get('v')!r}, expected {SEAL_VERSION}")
+        known = {f.name for f in fields(InstanceInfo)}
+        info = InstanceInfo(**{k: v for k, v in record["info"].items() if k in known})
+        return int(record["size"]), int(record["crc32c"]), info
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SealError(f"unreadable seal: {type(exc).__name__}: {exc}") from exc
+
+
+def _matches_seal(path: Path, size: int, crc: int) -> bool:
+    """Whether the file holds exactly the ``size`` bytes with CRC-32C ``crc`` it was sealed
+    with (a torn or truncated write does not)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return len(data) == size and crc32c.crc32c(data) == crc
+
+
+def xattrs_supported(directory: Path) -> bool:
+    """Whether files in ``directory`` keep ``user.*`` extended attributes (sealed mode)."""
+    probe = directory / f".xattr-probe-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return False
+    try:
+        os.setxattr(fd, SEAL_XATTR, b"{}")
+        return bool(os.getxattr(fd, SEAL_XATTR) == b"{}")
+    except OSError as exc:
+        if exc.errno not in _XATTR_UNSUPPORTED:
+            logger.warning("spool: extended attributes probe in %s failed: %s", directory, exc)
+        return False
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+
 class Spool:
     """Durable store + index of received instances, and the quarantine for rejected ones.
 
     Thread-safe: the SCP's association threads call :meth:`store` and :meth:`quarantine`; the
-    outbox thread reads and marks. File I/O runs outside the index lock.
+    outbox thread reads and marks. File I/O runs outside the index lock. ``sealed=None``
+    probes the file system (sealed mode where extended attributes work); tests force a mode.
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, sealed: bool | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.root = self.data_dir / SPOOL_DIR
         self.quarantine_dir = self.data_dir / QUARANTINE_DIR
@@ -190,14 +321,22 @@ class Spool:
                 (self.root / f"{i:02x}").mkdir(exist_ok=True)
             fsync_dir(self.root)
             fsync_dir(self.data_dir)
+            self.sealed = xattrs_supported(self.root) if sealed is None else sealed
             self._db = sqlite3.connect(self.index_path, isolation_level=None,
                                        check_same_thread=False, timeout=30.0)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            # sealed: the spool files are the durable record, the index is rebuilt from them
+            self._db.execute(f"PRAGMA synchronous={'NORMAL' if self.sealed else 'FULL'}")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open the spool in {self.data_dir}: {exc}") from exc
+        if not self.sealed:
+            logger.warning("spool: %s keeps no extended attributes; compatibility mode (file, "
+                           "directory and index fsync'd for every instance: slower)", self.root)
         self._lock = threading.Lock()
+        self._pool_lock = threading.Lock()
+        self._pool: list[Path] = []
+        self._pool_dir = secrets.randbelow(FANOUT)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -224,42 +363,82 @@ class Spool:
         return (self.root / digest[:2] /
                 f"{digest[:NAME_HASH_CHARS]}.{secrets.token_hex(4)}{SUFFIX}")
 
+    def _take_pool_file(self) -> Path:
+        """An empty spool file whose directory entry is already durable (sealed mode)."""
+        with self._pool_lock:
+            if not self._pool:
+                self._refill_pool()
+            return self._pool.pop()
+
+    def _refill_pool(self) -> None:
+        """Create ``POOL_BATCH`` empty files in the next fan-out directory and fsync that
+        directory once: one directory fsync for ``POOL_BATCH`` instances."""
+        self._pool_dir = (self._pool_dir + 1) % FANOUT
+        sub = self.root / f"{self._pool_dir:02x}"
+        created: list[Path] = []
+        try:
+            for _ in range(POOL_BATCH):
+                path = sub / f"{secrets.token_hex(POOL_NAME_BYTES)}{SUFFIX}"
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 0o644))
+                created.append(path)
+            fsync_dir(sub)
+        except BaseException:
+            for path in created:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
+        self._pool = created
+
+    @staticmethod
+    def _index_locked(db: sqlite3.Connection, info: InstanceInfo, rel: str, size: int) -> bool:
+        """Insert the index row and update the series totals (inside a transaction);
+        ``False`` when the SOP Instance UID is already indexed."""
+        cur = db.execute(
+            "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, "
+            "study_uid, series_uid, transfer_syntax_uid, calling_ae, received_at, path,"
+            " size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (info.sop_instance_uid, info.sop_class_uid, info.study_uid,
+             info.series_uid, info.transfer_syntax_uid, info.calling_ae,
+             info.received_at, rel, size))
+        if cur.rowcount != 1:
+            return False
+        db.execute(
+            "INSERT INTO series (series_uid, study_uid, first_received_at, "
+            "last_received_at, instance_count, patient_id, accession_number, "
+            "modality) VALUES (?, ?, ?, ?, 1, ?, ?, ?) "
+            "ON CONFLICT (series_uid) DO UPDATE SET "
+            "instance_count = instance_count + 1, "
+            "first_received_at = min(first_received_at, excluded.first_received_at),"
+            " last_received_at = max(last_received_at, excluded.last_received_at)",
+            (info.series_uid, info.study_uid, info.received_at, info.received_at,
+             info.patient_id, info.accession_number, info.modality))
+        return True
+
     def store(self, info: InstanceInfo, part10: Sequence[bytes | memoryview]) -> StoreOutcome:
         """Write the Part-10 file (``part10`` buffers, concatenated) durably and index it.
 
-        Returns once file, directory and index are on disk; the caller may then answer
-        Success. A SOP Instance UID already stored is not written again (``DUPLICATE``).
-        Raises :class:`SpoolError` if the disk or the index fails.
+        Returns once the instance is durable (sealed file fsync'd, or in compatibility mode
+        file, directory and index fsync'd); the caller may then answer Success. A SOP
+        Instance UID already stored is not written again (``DUPLICATE``). Raises
+        :class:`SpoolError` if the disk or the index fails.
         """
         if self.contains(info.sop_instance_uid):
             return StoreOutcome.DUPLICATE
-        path = self._new_path(info.sop_instance_uid)
+        path = self.root
         try:
-            size = _write_durable(path, part10)
+            if self.sealed:
+                path = self._take_pool_file()
+                size = _write_sealed(path, part10, info)
+            else:
+                path = self._new_path(info.sop_instance_uid)
+                size = _write_durable(path, part10)
         except OSError as exc:
             raise SpoolError(f"cannot write {path} (series {info.series_uid}, SOP instance "
                              f"{info.sop_instance_uid}): {exc}") from exc
         try:
             with self._tx() as db:
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, "
-                    "study_uid, series_uid, transfer_syntax_uid, calling_ae, received_at, path,"
-                    " size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (info.sop_instance_uid, info.sop_class_uid, info.study_uid,
-                     info.series_uid, info.transfer_syntax_uid, info.calling_ae,
-                     info.received_at, str(path.relative_to(self.root)), size))
-                inserted = cur.rowcount == 1
-                if inserted:
-                    db.execute(
-                        "INSERT INTO series (series_uid, study_uid, first_received_at, "
-                        "last_received_at, instance_count, patient_id, accession_number, "
-                        "modality) VALUES (?, ?, ?, ?, 1, ?, ?, ?) "
-                        "ON CONFLICT (series_uid) DO UPDATE SET "
-                        "instance_count = instance_count + 1, "
-                        "first_received_at = min(first_received_at, excluded.first_received_at),"
-                        " last_received_at = max(last_received_at, excluded.last_received_at)",
-                        (info.series_uid, info.study_uid, info.received_at, info.received_at,
-                         info.patient_id, info.accession_number, info.modality))
+                inserted = self._index_locked(db, info, str(path.relative_to(self.root)), size)
         except sqlite3.Error as exc:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -393,26 +572,79 @@ class Spool:
     # -- lifecycle -----------------------------------------------------------------------
 
     def recover(self) -> int:
-        """Delete spool files that have no index row (a crash between the file write and
-        the index commit: never acknowledged, so the sender resends). Returns how many."""
+        """Reconcile the spool files with the index at start (before the SCP runs).
+
+        A file without an index row whose seal matches its bytes is a stored instance whose
+        index commit was lost (it may have been answered Success): it is indexed, so the
+        outbox publishes it. Unused pool files are removed. A file with a seal that cannot be
+        read is moved to the quarantine (never deleted). Any other file without an index row
+        was never sealed (an interrupted store, never acknowledged: the sender sends it again)
+        and is deleted. Returns the number of such interrupted files deleted.
+        """
         with self._lock:
             known = {row[0] for row in self._db.execute("SELECT path FROM instances")}
-        removed = 0
+        with self._pool_lock:  # pool files taken in this run are in use, not leftovers
+            known.update(str(p.relative_to(self.root)) for p in self._pool)
+        outcomes: dict[_Recovered, int] = dict.fromkeys(_Recovered, 0)
         for sub in sorted(self.root.iterdir()):
             if not sub.is_dir():
                 continue
             for entry in os.scandir(sub):
                 rel = f"{sub.name}/{entry.name}"
                 if rel not in known:
-                    logger.warning("spool: removing %s: written but never indexed nor "
-                                   "acknowledged (interrupted store)", entry.path)
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
-                    removed += 1
-        return removed
+                    outcomes[self._recover_file(Path(entry.path), rel)] += 1
+        if outcomes[_Recovered.INDEXED]:
+            logger.warning("spool: %d sealed instances had lost their index row (crash or power "
+                           "loss); indexed again, they will be published",
+                           outcomes[_Recovered.INDEXED])
+        return outcomes[_Recovered.REMOVED]
+
+    def _recover_file(self, path: Path, rel: str) -> _Recovered:
+        """Index, drop, quarantine or delete one spool file that has no index row."""
+        try:
+            seal = _read_seal(str(path))
+        except SealError as exc:
+            target = self.quarantine_dir / f"spool-{path.name}"
+            logger.error("spool: %s has a seal that cannot be read (%s); moved to %s, not "
+                         "published", path, exc, target)
+            with contextlib.suppress(OSError):
+                os.replace(path, target)
+            return _Recovered.QUARANTINED
+        if seal is None:
+            try:
+                empty = path.stat().st_size == 0
+            except OSError:
+                return _Recovered.GONE
+            if empty:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                return _Recovered.POOL
+        elif _matches_seal(path, seal[0], seal[1]):
+            size, _crc, info = seal
+            with self._tx() as db:
+                inserted = self._index_locked(db, info, rel, size)
+            if inserted:
+                logger.warning("spool: indexed %s again: series %s SOP instance %s (sealed, "
+                               "index row lost)", path, info.series_uid, info.sop_instance_uid)
+                return _Recovered.INDEXED
+            logger.info("spool: removing %s: SOP instance %s is already stored", path,
+                        info.sop_instance_uid)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return _Recovered.DUPLICATE
+        logger.warning("spool: removing %s: written but never sealed nor indexed, so never "
+                       "acknowledged (interrupted store)", path)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return _Recovered.REMOVED
 
     def close(self) -> None:
-        """Close the index (idempotent)."""
+        """Remove the unused pool files and close the index (idempotent)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, []
+        for path in pool:
+            with contextlib.suppress(OSError):
+                path.unlink()
         with self._lock, contextlib.suppress(sqlite3.Error):
             self._db.close()
 
