@@ -38,6 +38,10 @@ BATCH_MAX_BYTES: Final = 16 << 20
 """About this many bytes per round (kafka-python's default buffer is 32 MiB)."""
 POLL_S: Final = 0.2
 """Idle wake-up period (series quiet timers are checked this often)."""
+COALESCE_S: Final = 0.05
+"""After a wake-up, wait this long for more instances, so that one ``flush()`` (an fsync on the
+embedded bus) covers a batch rather than every instance while a series streams in; it also
+keeps the publisher from competing with the listener for the disk and the GIL per instance."""
 BACKOFF_INITIAL_S: Final = 0.5
 BACKOFF_MAX_S: Final = 30.0
 FLUSH_TIMEOUT_S: Final = 60.0
@@ -187,7 +191,8 @@ class Outbox:
             self._backoff = BACKOFF_INITIAL_S
             if self._stop.is_set():
                 break
-            self._wake.wait(POLL_S)
+            if self._wake.wait(POLL_S) and not self._stop.is_set():
+                self._stop.wait(COALESCE_S)
             self._wake.clear()
 
     def _failed(self, exc: Exception) -> None:
