@@ -6,7 +6,10 @@ sample with new UIDs) with dcmtk ``storescu`` in one association to
 ``python -m pynetdicom storescp``, (c) ``hust19 ingest`` (fsync of file and directory, SQLite
 index, publishing to the embedded bus), and reports instances/s, the ratios, and the peak
 resident memory of each listener (``VmHWM``) for a 30-slice and the 300-slice series, to see
-whether the listener's memory grows with the series.
+whether the listener's memory grows with the series. For ``hust19 ingest`` it also reports
+``published_s``: from the start of the send until every instance could be read back from the
+embedded bus (the outbox publishes while the series streams in). The load averages at the
+start and the end say how busy the machine was (ratios are taken within one run).
 
     .venv/bin/python bench/ingest.py [--copies 10] [--repeats 3]
 """
@@ -21,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Final
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -32,6 +36,36 @@ from tests.fixtures.dicom import (  # noqa: E402
     stop_process,
     wait_port,
 )
+
+HUST19: Final = "hust19 ingest"
+PUBLISH_TIMEOUT_S: Final = 120.0
+POLL_RECORDS: Final = 500
+
+
+def _published_after(out: Path, count: int, start: float) -> float:
+    """Seconds from ``start`` until ``count`` instances can be read from the embedded bus of
+    the agent whose data directory is ``out``."""
+    from agent.bus import open_bus
+    from schemas import topics
+
+    bus = open_bus("embedded", out)
+    consumer = bus.consumer(None, [topics.DICOM_INSTANCES])
+    seen = 0
+    deadline = time.monotonic() + PUBLISH_TIMEOUT_S
+    try:
+        while seen < count and time.monotonic() < deadline:
+            seen += len(consumer.poll(timeout_s=0.1, max_records=POLL_RECORDS))
+    finally:
+        consumer.close()
+        bus.close()
+    if seen < count:
+        raise RuntimeError(f"only {seen} of {count} instances on the bus after "
+                           f"{PUBLISH_TIMEOUT_S} s")
+    return time.perf_counter() - start
+
+
+def _loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _peak_rss_kib(pid: int) -> int:
@@ -65,9 +99,12 @@ def _run(kind: str, files: list[Path], work: Path) -> dict[str, float]:
                         *map(str, files)], check=True, capture_output=True,
                        env={**os.environ, "TCP_NODELAY": "1"})
         seconds = time.perf_counter() - start
-        return {"seconds": round(seconds, 3),
-                "instances_per_s": round(len(files) / seconds, 1),
-                "peak_rss_mib": round(_peak_rss_kib(proc.pid) / 1024, 1)}
+        result = {"seconds": round(seconds, 3),
+                  "instances_per_s": round(len(files) / seconds, 1),
+                  "peak_rss_mib": round(_peak_rss_kib(proc.pid) / 1024, 1)}
+        if kind == HUST19:
+            result["published_s"] = round(_published_after(out, len(files), start), 3)
+        return result
     finally:
         stop_process(proc, timeout_s=30)
 
@@ -77,20 +114,22 @@ def main() -> int:
     parser.add_argument("--copies", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    kinds = ("dcmtk storescp", "pynetdicom storescp", "hust19 ingest")
+    kinds = ("dcmtk storescp", "pynetdicom storescp", HUST19)
     with tempfile.TemporaryDirectory(prefix="hust19-bench-") as tmp:
         work = Path(tmp)
         big = copy_series(work / "big", copies=args.copies)
         small = copy_series(work / "small")
         report: dict[str, object] = {"instances": len(big), "bytes": sum(
-            f.stat().st_size for f in big), "repeats": args.repeats, "cpus": os.cpu_count()}
+            f.stat().st_size for f in big), "repeats": args.repeats, "cpus": os.cpu_count(),
+            "loadavg_start": _loadavg()}
         best: dict[str, dict[str, float]] = {}
         for kind in kinds:
             runs = [_run(kind, big, work) for _ in range(args.repeats)]
             best[kind] = max(runs, key=lambda r: r["instances_per_s"])
             best[kind]["peak_rss_mib_30_slices"] = _run(kind, small, work)["peak_rss_mib"]
         report["listeners"] = best
-        ours = best["hust19 ingest"]["instances_per_s"]
+        report["loadavg_end"] = _loadavg()
+        ours = best[HUST19]["instances_per_s"]
         report["ratio_vs_dcmtk_storescp"] = round(ours / best["dcmtk storescp"]
                                                   ["instances_per_s"], 3)
         report["ratio_vs_pynetdicom_storescp"] = round(
