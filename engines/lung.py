@@ -237,6 +237,19 @@ def _replicated_box_mean(image: np.ndarray) -> np.ndarray:
     return np.minimum(sums, _U8_MAX, out=sums)
 
 
+def _literal_body(image: np.ndarray) -> np.ndarray:
+    """Step 2 as the original wrote it: ``255 - adaptiveThreshold(..., BINARY_INV, ...)`` (0/255)."""
+    inverse = cv2.adaptiveThreshold(
+        image,
+        _U8_MAX,
+        cv2.ADAPTIVE_THRESH_MEAN_C,
+        cv2.THRESH_BINARY_INV,
+        THRESHOLD_BLOCK,
+        THRESHOLD_C,
+    )
+    return np.asarray(_U8_MAX - inverse)
+
+
 def _body_threshold(image: np.ndarray) -> np.ndarray:
     """Step 2, exactly as ``255 - adaptiveThreshold(..., MEAN_C, BINARY_INV, 15599, -96)`` > 0.
 
@@ -247,15 +260,7 @@ def _body_threshold(image: np.ndarray) -> np.ndarray:
     ``cv2.adaptiveThreshold``.
     """
     if max(image.shape) > THRESHOLD_BLOCK // 2:
-        inverse = cv2.adaptiveThreshold(
-            image,
-            _U8_MAX,
-            cv2.ADAPTIVE_THRESH_MEAN_C,
-            cv2.THRESH_BINARY_INV,
-            THRESHOLD_BLOCK,
-            THRESHOLD_C,
-        )
-        return np.asarray(inverse == 0)
+        return np.asarray(_literal_body(image) > 0)
     threshold = _replicated_box_mean(image)
     threshold -= THRESHOLD_C
     return np.asarray(image > threshold)
@@ -318,15 +323,7 @@ def lung_mask_reference(square_u8: np.ndarray) -> np.ndarray:
     closed-form equivalents used by :func:`lung_mask`.
     """
     image = np.ascontiguousarray(square_u8, dtype=np.uint8)
-    inverse = cv2.adaptiveThreshold(
-        image,
-        _U8_MAX,
-        cv2.ADAPTIVE_THRESH_MEAN_C,
-        cv2.THRESH_BINARY_INV,
-        THRESHOLD_BLOCK,
-        THRESHOLD_C,
-    )
-    body = _largest_component(_U8_MAX - inverse)
+    body = _largest_component(_literal_body(image))
     if not cv2.countNonZero(body):
         return np.zeros(image.shape, dtype=bool)
     return np.asarray(cv2.medianBlur(_mask_after_body(body), MEDIAN_SIZE) > 0)
