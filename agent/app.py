@@ -47,6 +47,7 @@ ROLE_INGEST: Final = "ingest"
 ROLE_WORKER: Final = "worker"
 ALL_ROLES: Final = frozenset({ROLE_INGEST, ROLE_WORKER})
 STOP_TIMEOUT_S: Final = 30.0
+SECONDS_PER_HOUR: Final = 3600.0
 """Default bound on :meth:`Agent.stop`."""
 READY_ECHO_TIMEOUT_S: Final = 5.0
 ASSOCIATION_GRACE_S: Final = 5.0
@@ -104,7 +105,8 @@ class Agent:
                 removed = self.spool.recover()
                 pending = self.spool.pending_count()
                 self.tracker = SeriesTracker(self.spool, s.series_quiet_s, s.series_max_quiet_s)
-                self.outbox = Outbox(self.spool, self.bus, self.tracker, self.metrics)
+                self.outbox = Outbox(self.spool, self.bus, self.tracker, self.metrics,
+                                     retention_s=s.spool_retention_h * SECONDS_PER_HOUR)
                 self.scp = StorageSCP(s, self.spool, on_stored=self._stored,
                                       on_closed=self.tracker.association_closed,
                                       metrics=self.metrics)

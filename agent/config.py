@@ -67,6 +67,10 @@ class Settings(BaseModel):
                                   "long after its association was released.")
     series_max_quiet_s: float = Field(60.0, gt=0, description="A series is complete when quiet "
                                       "this long, association or not.")
+    spool_retention_h: float = Field(24.0, ge=0, description="A spooled file is deleted this "
+                                     "many hours after it was published to the bus (its index "
+                                     "row stays, so a re-sent instance is still recognised); "
+                                     "0 keeps every file.")
     # Bus
     bus: str = Field("embedded", description="'embedded' (durable, one box) or "
                      "'kafka://host:port[,host:port...]'.")

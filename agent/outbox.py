@@ -19,13 +19,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Final
 
 from agent.bus import Bus, Headers, Producer
 from agent.metrics import Metrics
 from agent.series import SeriesTracker
-from agent.spool import Spool, SpooledInstance, SpoolError
+from agent.spool import PRUNE_BATCH, Spool, SpooledInstance, SpoolError
 from schemas import topics
 from schemas.errors import Hust19Error
 from schemas.messages import SERIES_SCHEMA, InstanceHeaders, SeriesEvent, dump_json
@@ -45,6 +46,9 @@ keeps the publisher from competing with the listener for the disk and the GIL pe
 BACKOFF_INITIAL_S: Final = 0.5
 BACKOFF_MAX_S: Final = 30.0
 FLUSH_TIMEOUT_S: Final = 60.0
+PRUNE_EVERY_S: Final = 60.0
+"""How often the outbox deletes spool files older than the retention (more often when the
+retention itself is shorter; a full batch deleted: again at the next pass)."""
 
 
 def instance_headers(instance: SpooledInstance) -> Headers:
@@ -78,7 +82,9 @@ class Outbox:
     usable without the thread); :meth:`start`/:meth:`stop` run it in the background."""
 
     def __init__(self, spool: Spool, bus: Bus, tracker: SeriesTracker | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, retention_s: float = 0.0) -> None:
+        """``retention_s`` > 0: spool files published longer ago than that are deleted
+        (:meth:`Spool.prune`) by the background thread; 0 keeps them."""
         self.spool = spool
         self.bus = bus
         self.tracker = tracker
@@ -92,6 +98,9 @@ class Outbox:
         self.published = 0
         self.series_events = 0
         self.last_error: str | None = None
+        self.retention_s = retention_s
+        self.pruned = 0
+        self._next_prune = 0.0
 
     # -- one pass ------------------------------------------------------------------------
 
@@ -189,11 +198,29 @@ class Outbox:
                 logger.info("outbox: bus reachable again (%s); caught up", self.bus.describe())
                 self.last_error = None
             self._backoff = BACKOFF_INITIAL_S
+            self._prune_due()
             if self._stop.is_set():
                 break
             if self._wake.wait(POLL_S) and not self._stop.is_set():
                 self._stop.wait(COALESCE_S)
             self._wake.clear()
+
+    def _prune_due(self) -> None:
+        """Delete one batch of expired spool files when the retention is on and it is time."""
+        now = time.monotonic()
+        if self.retention_s <= 0 or now < self._next_prune:
+            return
+        try:
+            deleted = self.spool.prune(time.time() - self.retention_s)
+        except SpoolError as exc:
+            logger.warning("outbox: spool pruning failed: %s", exc.message)
+            deleted = 0
+        if deleted:
+            self.pruned += deleted
+            logger.info("spool: deleted %d files published more than %.1f s ago", deleted,
+                        self.retention_s)
+        every = min(PRUNE_EVERY_S, self.retention_s)
+        self._next_prune = now if deleted >= PRUNE_BATCH else now + every
 
     def _failed(self, exc: Exception) -> None:
         message = exc.message if isinstance(exc, Hust19Error) else f"{type(exc).__name__}: {exc}"

@@ -93,7 +93,8 @@ CREATE TABLE IF NOT EXISTS instances (
     path                TEXT NOT NULL,
     size                INTEGER NOT NULL,
     published_at        REAL,
-    publish_error       TEXT
+    publish_error       TEXT,
+    pruned_at           REAL
 );
 CREATE INDEX IF NOT EXISTS instances_pending ON instances (id)
     WHERE published_at IS NULL AND publish_error IS NULL;
@@ -115,6 +116,13 @@ CREATE TABLE IF NOT EXISTS series (
 CREATE INDEX IF NOT EXISTS series_open ON series (series_uid)
     WHERE instance_count > completed_count;
 """
+_PRUNE_INDEX: Final = """
+CREATE INDEX IF NOT EXISTS instances_prunable ON instances (published_at)
+    WHERE pruned_at IS NULL AND published_at IS NOT NULL;
+"""
+PRUNE_BATCH: Final = 256
+"""At most this many files are deleted per :meth:`Spool.prune` call (the outbox calls it
+between its publishing passes, so deleting never holds publishing back for long)."""
 
 
 class SpoolError(Hust19Error):
@@ -328,6 +336,10 @@ class Spool:
             # sealed: the spool files are the durable record, the index is rebuilt from them
             self._db.execute(f"PRAGMA synchronous={'NORMAL' if self.sealed else 'FULL'}")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(instances)")}
+            if "pruned_at" not in columns:  # an index written before pruning existed
+                self._db.execute("ALTER TABLE instances ADD COLUMN pruned_at REAL")
+            self._db.executescript(_PRUNE_INDEX)
         except (OSError, sqlite3.Error) as exc:
             raise SpoolError(f"cannot open the spool in {self.data_dir}: {exc}") from exc
         if not self.sealed:
@@ -520,6 +532,44 @@ class Spool:
         with self._tx() as db:
             db.execute("UPDATE instances SET publish_error = ? WHERE id = ?",
                        (error, instance_id))
+
+    def prune(self, published_before: float, limit: int = PRUNE_BATCH) -> int:
+        """Delete the files of instances published to the bus before ``published_before``
+        (epoch seconds), oldest first, at most ``limit``; returns how many were deleted.
+
+        Once flushed to the bus an instance's bytes live there, so the spool copy is only a
+        safety margin. The index row stays (``pruned_at`` set): a re-sent instance is still
+        recognised as a duplicate. The file goes first and the mark second, so a crash between
+        them leaves a row whose file is already gone (pruned again, harmlessly), never a file
+        that nothing accounts for.
+        """
+        try:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT id, path FROM instances WHERE pruned_at IS NULL AND published_at "
+                    "IS NOT NULL AND published_at < ? ORDER BY published_at, id LIMIT ?",
+                    (published_before, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot read the spool index {self.index_path}: {exc}") from exc
+        deleted: list[int] = []
+        for instance_id, rel in rows:
+            try:
+                (self.root / rel).unlink(missing_ok=True)
+            except OSError as exc:
+                logger.warning("spool: cannot delete published file %s: %s", self.root / rel,
+                               exc)
+                continue
+            deleted.append(instance_id)
+        if deleted:
+            stamp = time.time()
+            try:
+                with self._tx() as db:
+                    db.executemany("UPDATE instances SET pruned_at = ? WHERE id = ?",
+                                   [(stamp, i) for i in deleted])
+            except sqlite3.Error as exc:
+                raise SpoolError(f"cannot update the spool index {self.index_path}: {exc}") \
+                    from exc
+        return len(deleted)
 
     def pending_count(self) -> int:
         """Instances not yet published (excluding those marked failed)."""

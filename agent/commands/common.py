@@ -30,6 +30,8 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--consumer-group", help="Kafka consumer group of the workers")
     g.add_argument("--series-quiet-s", type=float, help="quiet time after release")
     g.add_argument("--series-max-quiet-s", type=float, help="quiet time regardless")
+    g.add_argument("--spool-retention-h", type=float,
+                   help="delete spool files this long after publishing (0 = keep)")
     g.add_argument("--lis", help="SQLAlchemy URL of the LIS")
     g.add_argument("--lis-mapping", type=Path, help="TOML mapping of the hospital's LIS")
     g.add_argument("--pacs", action="append", metavar="HOST:PORT:AET",

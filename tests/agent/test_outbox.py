@@ -1,0 +1,73 @@
+"""The outbox's background thread: publishing to the embedded bus, then spool retention."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.bus import open_bus
+from agent.outbox import Outbox
+from agent.spool import InstanceInfo, Spool
+from schemas import topics
+from tests.fixtures.dicom import read_topic
+
+WAIT_S = 20.0
+
+
+def _info(sop: str) -> InstanceInfo:
+    return InstanceInfo(sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                        study_uid="1.2.3", series_uid="1.2.3.4",
+                        transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae="T",
+                        received_at=time.time())
+
+
+def _files(spool: Spool) -> int:
+    return sum(1 for p in spool.root.glob("*/*.dcm") if p.stat().st_size)
+
+
+def _wait_for(done: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_published_files_are_deleted_after_the_retention(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "data")
+    payloads = {f"9.{i}": f"instance {i}".encode() * 100 for i in range(3)}
+    for sop, value in payloads.items():
+        spool.store(_info(sop), [value])
+    bus = open_bus("embedded", tmp_path / "bus")
+    outbox = Outbox(spool, bus, retention_s=0.2)
+    try:
+        outbox.start()
+        _wait_for(lambda: outbox.published == 3)
+        assert outbox.published == 3
+        _wait_for(lambda: outbox.pruned == 3)
+        assert outbox.pruned == 3 and _files(spool) == 0
+        # the bytes are on the bus, and the spool still knows the instances
+        messages = read_topic(bus, topics.DICOM_INSTANCES, 3)
+        got = {dict(m.headers)[topics.H_SOP_INSTANCE_UID].decode(): m.value for m in messages}
+        assert got == payloads
+        assert all(spool.contains(sop) for sop in payloads)
+    finally:
+        outbox.stop()
+        bus.close()
+        spool.close()
+
+
+def test_retention_zero_keeps_every_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "data")
+    spool.store(_info("8.1"), [b"kept"])
+    bus = open_bus("embedded", tmp_path / "bus")
+    outbox = Outbox(spool, bus)
+    try:
+        outbox.start()
+        _wait_for(lambda: outbox.published == 1)
+        assert outbox.published == 1
+        time.sleep(0.5)  # many idle passes of the thread
+        assert outbox.pruned == 0 and _files(spool) == 1
+    finally:
+        outbox.stop()
+        bus.close()
+        spool.close()
