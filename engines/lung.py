@@ -238,7 +238,7 @@ def _replicated_box_mean(image: np.ndarray) -> np.ndarray:
 
 
 def _literal_body(image: np.ndarray) -> np.ndarray:
-    """Step 2 as the original wrote it: ``255 - adaptiveThreshold(..., BINARY_INV, ...)`` (0/255)."""
+    """Step 2 as the original wrote it: 255 - adaptiveThreshold(BINARY_INV), a 0/255 body."""
     inverse = cv2.adaptiveThreshold(
         image,
         _U8_MAX,

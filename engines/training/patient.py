@@ -230,7 +230,7 @@ def main(args: argparse.Namespace) -> int:
     slice_meta = load_metadata(args.slice_model)
     meta = {
         "name": MODEL_NAME,
-        "version": f"patient-1.0.{dt.date.today():%Y%m%d}",
+        "version": f"patient-{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}",
         "classes": list(networks.PATIENT_CLASSES),
         "output_meaning": "control = P(not COVID-19); type1 and type2 each carry about half of "
                           "P(COVID-19): severity was not learnable from the training data",

@@ -263,7 +263,7 @@ def main(args: argparse.Namespace) -> int:
                                  progress=not args.no_progress, config=config)
     meta = {
         "name": MODEL_NAME,
-        "version": f"slice-1.0.{dt.date.today():%Y%m%d}",
+        "version": f"slice-{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}",
         "classes": list(networks.SLICE_CLASSES),
         "thresholds": {"nict_max": 0.5, "pct": 0.5},
         "preprocessing": {"hash": preprocessing_hash(),
