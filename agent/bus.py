@@ -115,13 +115,18 @@ class Bus(ABC):
         """Release shared resources."""
 
 
-def open_bus(url: str, data_dir: Path, *, compression: str = "none") -> Bus:
+def open_bus(url: str, data_dir: Path, *, compression: str = "none",
+             retention_h: float = 0.0) -> Bus:
     """The bus named by ``url``: ``embedded`` (under ``data_dir/bus``) or
-    ``kafka://host:port[,host:port...]``. Raises :class:`ConfigError` for anything else."""
+    ``kafka://host:port[,host:port...]``. Raises :class:`ConfigError` for anything else.
+
+    ``retention_h`` is the embedded log's retention (0 = keep for ever; the agent passes
+    ``Settings.bus_retention_h``); on Kafka the topics' own configuration owns retention and
+    it is ignored. ``compression`` applies to Kafka only."""
     if url == "embedded":
         from agent.bus_embedded import EmbeddedBus
 
-        return EmbeddedBus(data_dir / "bus")
+        return EmbeddedBus(data_dir / "bus", retention_h=retention_h)
     if url.startswith("kafka://"):
         from agent.bus_kafka import KafkaBus
 

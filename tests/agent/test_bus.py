@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.bus import Bus, Consumer, Message, open_bus
-from agent.bus_embedded import EmbeddedBus
+from agent.bus_embedded import EmbeddedBus, segment_name
 from agent.bus_kafka import KafkaBus, crc32c_is_native
 from schemas.errors import BusError
 from schemas.topics import ALL_TOPICS
@@ -328,7 +328,7 @@ def test_embedded_torn_tail_is_truncated_and_appends_continue(
     bus = EmbeddedBus(tmp_path)
     _fill(bus, "t", 4)
     bus.close()
-    log_file = tmp_path / "topics" / "t" / "0.log"
+    log_file = tmp_path / "topics" / "t" / segment_name(0)
     data = log_file.read_bytes()
     if damage == "half_record":  # a crash in the middle of appending a fifth record
         one = data[: len(data) // 4]
