@@ -74,7 +74,8 @@ class Agent:
         self.roles = roles
         self._own_bus = bus is None
         self.bus: Bus = bus if bus is not None else open_bus(
-            settings.bus, settings.data_dir, compression=settings.kafka_compression)
+            settings.bus, settings.data_dir, compression=settings.kafka_compression,
+            retention_h=settings.bus_retention_h)
         self.spool: Spool | None = None
         self.tracker: SeriesTracker | None = None
         self.outbox: Outbox | None = None

@@ -77,6 +77,11 @@ class Settings(BaseModel):
     kafka_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "none", description="Compression of produced Kafka messages (DICOM is often compressed "
         "already).")
+    bus_retention_h: float = Field(168.0, ge=0, description="Embedded bus: a closed log "
+                                   "segment is deleted once its newest message is this many "
+                                   "hours old and every consumer group that committed on its "
+                                   "topic has read past it (Kafka's retention.ms; a Kafka bus "
+                                   "keeps its topics' own setting); 0 keeps everything.")
     consumer_group: str = Field("hust19-worker", description="Kafka consumer group of workers.")
     # Worker
     lis: str | None = Field(None, description="SQLAlchemy URL of the LIS; default: SQLite file "

@@ -27,6 +27,8 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca", type=Path, help="CA bundle: require client certificates")
     g.add_argument("--bus", help="'embedded' or kafka://host:port[,host:port]")
     g.add_argument("--kafka-compression", choices=["none", "gzip", "snappy", "lz4", "zstd"])
+    g.add_argument("--bus-retention-h", type=float,
+                   help="embedded bus: delete consumed log segments this old (0 = keep)")
     g.add_argument("--consumer-group", help="Kafka consumer group of the workers")
     g.add_argument("--series-quiet-s", type=float, help="quiet time after release")
     g.add_argument("--series-max-quiet-s", type=float, help="quiet time regardless")

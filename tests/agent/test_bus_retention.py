@@ -5,6 +5,7 @@ of earlier versions, several processes, and ``hust19 bus dump`` across segments.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.bus import Consumer, Message
+from agent.bus import Consumer, Message, open_bus
 from agent.bus_embedded import EmbeddedBus, encode_record, segment_name
+from agent.commands.common import add_settings_args, settings_from_args
+from agent.config import load_settings
 from schemas.errors import BusError
 
 SEGMENT = 4096
@@ -271,6 +274,20 @@ def test_producer_flush_applies_the_retention_at_most_every_interval(tmp_path: P
     _send(bus, "t", 31, 1)
     assert bus.log("t").earliest() > 0
     assert len(bus.log("t").segment_paths()) == 1
+    bus.close()
+
+
+def test_the_retention_setting_reaches_the_embedded_bus(tmp_path: Path) -> None:
+    assert load_settings(environ={}).bus_retention_h == 168.0
+    assert load_settings(environ={"HUST19_BUS_RETENTION_H": "0"}).bus_retention_h == 0
+    parser = argparse.ArgumentParser()
+    add_settings_args(parser)
+    args = parser.parse_args(["--bus-retention-h", "36", "--data-dir", str(tmp_path)])
+    settings = settings_from_args(args, configure_logging=False)
+    assert settings.bus_retention_h == 36.0
+    bus = open_bus("embedded", tmp_path, retention_h=settings.bus_retention_h)
+    assert isinstance(bus, EmbeddedBus) and bus.retention_h == 36.0
+    assert "kept 36 h" in bus.describe()
     bus.close()
 
 
