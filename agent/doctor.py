@@ -95,7 +95,8 @@ def _bus(settings: Settings) -> Finding:
     from agent.bus import open_bus
 
     try:
-        bus = open_bus(settings.bus, settings.data_dir, compression=settings.kafka_compression)
+        bus = open_bus(settings.bus, settings.data_dir, compression=settings.kafka_compression,
+                       retention_h=settings.bus_retention_h)
         try:
             bus.ping()
             return Finding("bus", "ok", bus.describe())

@@ -56,7 +56,9 @@ def _open(args: argparse.Namespace, settings: Settings) -> Bus:
             raise InputError(f"data directory {settings.data_dir} does not exist")
         if not (bus_dir / "topics").is_dir():
             raise InputError(f"no embedded bus in {settings.data_dir} ({bus_dir} is missing)")
-    bus = open_bus(settings.bus, settings.data_dir)
+    # The retention only shows in the startup line: dump never flushes a producer, so it
+    # never deletes anything.
+    bus = open_bus(settings.bus, settings.data_dir, retention_h=settings.bus_retention_h)
     try:
         bus.ping(PING_TIMEOUT_S)
         exists = getattr(bus, "topic_exists", None)
