@@ -274,7 +274,12 @@ def test_labs_that_arrive_later_reissue_the_result_with_the_same_sr_uid(
     while True:  # the re-issued SR replaces the first one under the same UID
         srs = _sr_files(pacs_dir)
         assert [p.name for p in srs] == [f"SRc.{first.sr_sop_instance_uid}"]
-        if "HUST-19 clinical-feature model" in _dsrdump_ok(srs[0]):
+        # storescp rewrites the file in place when the second SR arrives: a read that meets
+        # the file half-written fails, and is simply tried again
+        dump = subprocess.run([dcmtk("dsrdump"), "-Ee", str(srs[0])], capture_output=True,
+                              text=True, timeout=60)
+        if dump.returncode == 0 and "HUST-19 clinical-feature model" in dump.stdout:
             break
-        assert time.monotonic() < deadline, "the re-issued SR with CF scores did not arrive"
+        assert time.monotonic() < deadline, \
+            f"the re-issued SR with CF scores did not arrive: {dump.stderr}"
         time.sleep(0.5)
