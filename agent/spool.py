@@ -202,18 +202,26 @@ class SeriesState:
 
 
 
-def _write_durable(path: Path, parts: Sequence[bytes | memoryview]) -> int:
-    """Create ``path`` (must not exist), write ``parts``, fsync the file and its directory."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+@contextlib.contextmanager
+def _closed_or_removed(fd: int, path: Path) -> Iterator[int]:
+    """Close ``fd`` (open on ``path``) on exit; if the body fails, also remove ``path``: a
+    spool file we write is whole or absent."""
     try:
-        total = write_all(fd, parts)
-        os.fsync(fd)
+        yield fd
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
     os.close(fd)
+
+
+def _write_durable(path: Path, parts: Sequence[bytes | memoryview]) -> int:
+    """Create ``path`` (must not exist), write ``parts``, fsync the file and its directory."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    with _closed_or_removed(fd, path):
+        total = write_all(fd, parts)
+        os.fsync(fd)
     fsync_dir(path.parent)
     return total
 
@@ -235,11 +243,11 @@ def _write_sealed(path: Path, parts: Sequence[bytes | memoryview], info: Instanc
     the directory entry is already durable). On failure the file is removed."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError:
+    except OSError:  # a pool file that cannot be opened is of no use: drop it
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
-    try:
+    with _closed_or_removed(fd, path):
         if os.fstat(fd).st_size != 0:
             raise OSError(errno.EEXIST, "pool file is not empty", str(path))
         total = write_all(fd, parts)
@@ -248,12 +256,6 @@ def _write_sealed(path: Path, parts: Sequence[bytes | memoryview], info: Instanc
             crc = crc32c.crc32c(part, crc)
         os.setxattr(fd, SEAL_XATTR, _seal_bytes(info, total, crc))
         os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
-    os.close(fd)
     return total
 
 
