@@ -106,6 +106,33 @@ def _bus(settings: Settings) -> Finding:
         return Finding("bus", "fail", f"{settings.bus}: {exc.message}")
 
 
+def _bus_retention(settings: Settings) -> Finding | list[Finding]:
+    """Embedded bus only: instances that no consumer group has committed on are deleted unread
+    once past the retention (a group that never committed protects nothing, as on Kafka)."""
+    from agent.bus_embedded import EmbeddedBus
+    from schemas import topics
+
+    root = settings.data_dir / "bus"
+    if settings.bus != "embedded" or not settings.bus_retention_h or not root.is_dir():
+        return []
+    bus = EmbeddedBus(root, retention_h=settings.bus_retention_h)
+    try:
+        if topics.DICOM_INSTANCES not in bus.topics():
+            return []
+        end = bus.log(topics.DICOM_INSTANCES).count()
+        committed = bus.committed_offsets(topics.DICOM_INSTANCES)
+    finally:
+        bus.close()
+    if end and not committed:
+        return Finding("bus retention", "warn", f"{end} instances on {topics.DICOM_INSTANCES} "
+                       f"and no consumer group has committed on it: past the retention "
+                       f"({settings.bus_retention_h:g} h) they are deleted unread; run the "
+                       f"worker (hust19 serve or hust19 worker) against this data directory")
+    groups = ", ".join(f"{g} at {off}" for g, off in sorted(committed.items()))
+    return Finding("bus retention", "ok", f"{settings.bus_retention_h:g} h; "
+                   f"{topics.DICOM_INSTANCES} ends at offset {end}; groups: {groups or 'none'}")
+
+
 def _lis(settings: Settings) -> Finding:
     from agent.lis import open_lis
     from schemas.features import catalogue
@@ -158,7 +185,8 @@ def run_checks(settings: Settings) -> list[Finding]:
     """Every check, in the order a person would fix them."""
     findings = _packages()
     steps: list[Callable[[], Finding | list[Finding]]] = [
-        lambda: _backend(settings), _models, lambda: _bus(settings), lambda: _lis(settings),
+        lambda: _backend(settings), _models, lambda: _bus(settings),
+        lambda: _bus_retention(settings), lambda: _lis(settings),
         lambda: _pacs(settings), lambda: _disk(settings)]
     for step in steps:
         try:

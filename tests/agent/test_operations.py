@@ -130,6 +130,41 @@ def test_doctor_reports_lis_down_pacs_down_and_no_gpu(tmp_path: Path) -> None:
     assert findings["model files"]["level"] == "ok"
 
 
+def _doctor_findings(data: Path) -> dict[str, dict[str, str]]:
+    proc = _hust19("doctor", "--json", "--data-dir", str(data))
+    return {f["check"]: f for f in map(json.loads, proc.stdout.splitlines())}
+
+
+def test_doctor_warns_when_no_group_consumes_what_retention_will_delete(
+        tmp_path: Path) -> None:
+    """Instances on the embedded bus that no consumer group has committed on are deleted
+    unread once past the retention: doctor says so; once a group commits it says where."""
+    from agent.bus import open_bus
+
+    data = tmp_path / "d"
+    bus = open_bus("embedded", data)
+    try:
+        producer = bus.producer()
+        for n in range(3):
+            producer.send(topics.DICOM_INSTANCES, b"1.2.3", f"instance {n}".encode(), [])
+        producer.flush()
+        producer.close()
+        warned = _doctor_findings(data)["bus retention"]
+        assert warned["level"] == "warn"
+        assert "3 instances" in warned["message"] and "deleted unread" in warned["message"]
+        consumer = bus.consumer("hust19-workers", [topics.DICOM_INSTANCES])
+        try:
+            assert len(consumer.poll(timeout_s=5.0, max_records=2)) == 2
+            consumer.commit({(topics.DICOM_INSTANCES, 0): 2})
+        finally:
+            consumer.close()
+    finally:
+        bus.close()
+    settled = _doctor_findings(data)["bus retention"]
+    assert settled["level"] == "ok"
+    assert "ends at offset 3" in settled["message"] and "hust19-workers at 2" in settled["message"]
+
+
 def test_sigterm_during_a_series_loses_nothing_and_sends_one_sr(
         storescp: Callable[..., tuple[int, Path]], tmp_path: Path) -> None:
     pacs_port, pacs_dir = storescp(aet="PACS")
