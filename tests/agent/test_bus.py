@@ -23,6 +23,7 @@ from agent.bus_embedded import EmbeddedBus, segment_name
 from agent.bus_kafka import KafkaBus, crc32c_is_native
 from schemas.errors import BusError
 from schemas.topics import ALL_TOPICS
+from tests.fixtures.dicom import drain
 from tests.fixtures.kafka import kafka_test_overrides, run_test_broker
 
 ONE_MB = 1024 * 1024
@@ -61,15 +62,6 @@ def _topic(bus: Bus, partitions: int = 1) -> str:
     return topic
 
 
-def _drain(consumer: Consumer, want: int, timeout_s: float = 20.0) -> list[Message]:
-    """Poll until ``want`` messages arrived (or the time is up)."""
-    out: list[Message] = []
-    deadline = time.monotonic() + timeout_s
-    while len(out) < want and time.monotonic() < deadline:
-        out += consumer.poll(0.5, 500)
-    return out
-
-
 def _quiet(consumer: Consumer, wait_s: float) -> list[Message]:
     """Whatever arrives within ``wait_s`` (used to show that nothing is redelivered)."""
     out: list[Message] = []
@@ -99,7 +91,7 @@ def test_keyed_order_values_and_headers_round_trip(bus_factory: BusFactory) -> N
     producer.close()
 
     consumer = bus.consumer(None, [topic])
-    got = _drain(consumer, 31)
+    got = drain(consumer, 31)
     consumer.close()
     assert len(got) == 31
     by_key: dict[bytes | None, list[Message]] = defaultdict(list)
@@ -128,20 +120,20 @@ def test_uncommitted_messages_are_redelivered_committed_ones_are_not(
     producer.flush()
 
     first = bus.consumer(group, [topic])
-    seen = _drain(first, 6)
+    seen = drain(first, 6)
     assert [m.value for m in seen] == [f"m{i}".encode() for i in range(6)]
     first.close()  # no commit: a crash after the work started
 
     restarted = factory()
     second = restarted.consumer(group, [topic])
-    again = _drain(second, 6)
+    again = drain(second, 6)
     assert [m.value for m in again] == [m.value for m in seen]
     done = again[3]
     second.commit({(done.topic, done.partition): done.offset + 1})
     second.close()
 
     third = factory().consumer(group, [topic])
-    rest = _drain(third, 2)
+    rest = drain(third, 2)
     rest += _quiet(third, 1.0)
     third.close()
     assert [m.value for m in rest] == [b"m4", b"m5"]
@@ -158,7 +150,7 @@ def test_group_none_reads_from_the_beginning_and_cannot_commit(
     producer.flush()
     for _ in range(2):  # twice: nothing was committed by the first reader
         reader = bus.consumer(None, [topic])
-        assert [m.value for m in _drain(reader, 2)] == [b"a", b"b"]
+        assert [m.value for m in drain(reader, 2)] == [b"a", b"b"]
         with pytest.raises(BusError):
             reader.commit({(topic, 0): 2})
         reader.close()
@@ -307,7 +299,7 @@ def _fill(bus: EmbeddedBus, topic: str, n: int) -> None:
 
 def _values(bus: EmbeddedBus, topic: str) -> list[bytes]:
     reader = bus.consumer(None, [topic])
-    out = [m.value for m in _drain(reader, 10_000, timeout_s=0.5)]
+    out = [m.value for m in drain(reader, 10_000, timeout_s=0.5)]
     reader.close()
     return out
 
@@ -355,7 +347,7 @@ def test_embedded_64_mb_value(tmp_path: Path) -> None:
     producer.send("big", b"k", value)
     producer.flush()
     reader = bus.consumer(None, ["big"])
-    [m] = _drain(reader, 1)
+    [m] = drain(reader, 1)
     assert m.value == value
     bus.close()
 
@@ -367,13 +359,13 @@ def test_embedded_second_group_member_waits_then_takes_over(tmp_path: Path) -> N
     standby = bus.consumer("g", ["t"])
     assert owner.assignment() == {("t", 0)}
     assert standby.assignment() == set()
-    assert len(_drain(owner, 3)) == 3
+    assert len(drain(owner, 3)) == 3
     assert standby.poll(0.1) == []
     owner.commit({("t", 0): 2})
     with pytest.raises(BusError):
         standby.commit({("t", 0): 3})
     owner.close()
-    assert [m.value for m in _drain(standby, 1)] == [b"record-2"]
+    assert [m.value for m in drain(standby, 1)] == [b"record-2"]
     standby.close()
     bus.close()
 
@@ -401,7 +393,7 @@ def test_embedded_two_writer_processes_append_whole_records(tmp_path: Path) -> N
     for p in procs:
         assert p.wait(60) == 0
     bus = EmbeddedBus(tmp_path)
-    msgs = _drain(bus.consumer(None, ["shared"]), 2 * n, timeout_s=2)
+    msgs = drain(bus.consumer(None, ["shared"]), 2 * n, timeout_s=2)
     assert len(msgs) == 2 * n
     assert [m.offset for m in msgs] == list(range(2 * n))
     for name in ("ingest", "worker"):

@@ -21,6 +21,7 @@ from agent.bus_embedded import EmbeddedBus, encode_record, segment_name
 from agent.commands.common import add_settings_args, settings_from_args
 from agent.config import load_settings
 from schemas.errors import BusError
+from tests.fixtures.dicom import drain
 
 SEGMENT = 4096
 """Segment size used here: a few records of ~500 bytes each."""
@@ -40,11 +41,7 @@ def _index(m: Message) -> int:
 
 
 def _drain(consumer: Consumer, want: int, timeout_s: float = 5.0) -> list[Message]:
-    out: list[Message] = []
-    deadline = time.monotonic() + timeout_s
-    while len(out) < want and time.monotonic() < deadline:
-        out += consumer.poll(0.05, 1000)
-    return out
+    return drain(consumer, want, timeout_s, poll_s=0.05, max_records=1000)
 
 
 def _read_all(bus: EmbeddedBus, topic: str) -> list[Message]:
