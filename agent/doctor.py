@@ -12,11 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from agent.config import Settings
 from engines import MODELS_DIR
 from schemas.errors import Hust19Error
+
+if TYPE_CHECKING:
+    from agent.bus_embedded import EmbeddedBus
 
 Level = Literal["ok", "warn", "fail"]
 
@@ -91,46 +94,44 @@ def _models() -> Finding:
                    "their SHA-256 checksums")
 
 
-def _bus(settings: Settings) -> Finding:
+def _bus(settings: Settings) -> list[Finding]:
+    """The bus answers; on the embedded bus also what its retention would do (one open)."""
     from agent.bus import open_bus
+    from agent.bus_embedded import EmbeddedBus
 
     try:
         bus = open_bus(settings.bus, settings.data_dir, compression=settings.kafka_compression,
                        retention_h=settings.bus_retention_h)
         try:
             bus.ping()
-            return Finding("bus", "ok", bus.describe())
+            findings = [Finding("bus", "ok", bus.describe())]
+            if isinstance(bus, EmbeddedBus) and settings.bus_retention_h:
+                findings += _bus_retention(bus, settings.bus_retention_h)
+            return findings
         finally:
             bus.close()
     except Hust19Error as exc:
-        return Finding("bus", "fail", f"{settings.bus}: {exc.message}")
+        return [Finding("bus", "fail", f"{settings.bus}: {exc.message}")]
 
 
-def _bus_retention(settings: Settings) -> Finding | list[Finding]:
-    """Embedded bus only: instances that no consumer group has committed on are deleted unread
-    once past the retention (a group that never committed protects nothing, as on Kafka)."""
-    from agent.bus_embedded import EmbeddedBus
+def _bus_retention(bus: EmbeddedBus, retention_h: float) -> list[Finding]:
+    """Instances that no consumer group has committed on are deleted unread once past the
+    retention (a group that never committed protects nothing, as on Kafka)."""
     from schemas import topics
 
-    root = settings.data_dir / "bus"
-    if settings.bus != "embedded" or not settings.bus_retention_h or not root.is_dir():
+    if topics.DICOM_INSTANCES not in bus.topics():
         return []
-    bus = EmbeddedBus(root, retention_h=settings.bus_retention_h)
-    try:
-        if topics.DICOM_INSTANCES not in bus.topics():
-            return []
-        end = bus.log(topics.DICOM_INSTANCES).count()
-        committed = bus.committed_offsets(topics.DICOM_INSTANCES)
-    finally:
-        bus.close()
+    end = bus.log(topics.DICOM_INSTANCES).count()
+    committed = bus.committed_offsets(topics.DICOM_INSTANCES)
     if end and not committed:
-        return Finding("bus retention", "warn", f"{end} instances on {topics.DICOM_INSTANCES} "
-                       f"and no consumer group has committed on it: past the retention "
-                       f"({settings.bus_retention_h:g} h) they are deleted unread; run the "
-                       f"worker (hust19 serve or hust19 worker) against this data directory")
+        return [Finding("bus retention", "warn", f"{end} instances on "
+                        f"{topics.DICOM_INSTANCES} and no consumer group has committed on it: "
+                        f"past the retention ({retention_h:g} h) they are deleted unread; run "
+                        f"the worker (hust19 serve or hust19 worker) against this data "
+                        f"directory")]
     groups = ", ".join(f"{g} at {off}" for g, off in sorted(committed.items()))
-    return Finding("bus retention", "ok", f"{settings.bus_retention_h:g} h; "
-                   f"{topics.DICOM_INSTANCES} ends at offset {end}; groups: {groups or 'none'}")
+    return [Finding("bus retention", "ok", f"{retention_h:g} h; {topics.DICOM_INSTANCES} ends "
+                    f"at offset {end}; groups: {groups or 'none'}")]
 
 
 def _lis(settings: Settings) -> Finding:
@@ -185,8 +186,7 @@ def run_checks(settings: Settings) -> list[Finding]:
     """Every check, in the order a person would fix them."""
     findings = _packages()
     steps: list[Callable[[], Finding | list[Finding]]] = [
-        lambda: _backend(settings), _models, lambda: _bus(settings),
-        lambda: _bus_retention(settings), lambda: _lis(settings),
+        lambda: _backend(settings), _models, lambda: _bus(settings), lambda: _lis(settings),
         lambda: _pacs(settings), lambda: _disk(settings)]
     for step in steps:
         try:
