@@ -25,7 +25,14 @@ from agent.bus import Bus, Message, open_bus
 from agent.status import StoreStatus
 from schemas import topics
 from schemas.messages import INSTANCE_SCHEMA
-from tests.fixtures.dicom import SAMPLE, copy_series, free_port, read_topic, run_storescu
+from tests.fixtures.dicom import (
+    SAMPLE,
+    copy_series,
+    free_port,
+    read_topic,
+    run_storescu,
+    stored_spool_files,
+)
 from tests.fixtures.kafka import kafka_test_overrides
 
 StoreScp = Callable[..., tuple[int, Path]]
@@ -288,9 +295,7 @@ def test_duplicate_sop_instance_is_stored_once(running_agent: Callable[..., Agen
         assert result.returncode == 0, result.stderr
     assert agent.spool is not None and agent.spool.instance_count() == 1
     wait_published(agent, 1)
-    # empty files are the spool's pool of durable names waiting for instances
-    stored = [f for f in agent.spool.root.glob("*/*.dcm") if f.stat().st_size > 0]
-    assert len(stored) == 1
+    assert len(stored_spool_files(agent.spool)) == 1
     assert len(read_topic(agent.bus, topics.DICOM_INSTANCES, 1, timeout_s=2)) == 1
 
 

@@ -10,7 +10,7 @@ from agent.bus import open_bus
 from agent.outbox import Outbox
 from agent.spool import InstanceInfo, Spool
 from schemas import topics
-from tests.fixtures.dicom import read_topic
+from tests.fixtures.dicom import read_topic, stored_spool_files
 
 WAIT_S = 20.0
 
@@ -20,10 +20,6 @@ def _info(sop: str) -> InstanceInfo:
                         study_uid="1.2.3", series_uid="1.2.3.4",
                         transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae="T",
                         received_at=time.time())
-
-
-def _files(spool: Spool) -> int:
-    return sum(1 for p in spool.root.glob("*/*.dcm") if p.stat().st_size)
 
 
 def _wait_for(done: Callable[[], bool]) -> None:
@@ -44,7 +40,7 @@ def test_published_files_are_deleted_after_the_retention(tmp_path: Path) -> None
         _wait_for(lambda: outbox.published == 3)
         assert outbox.published == 3
         _wait_for(lambda: outbox.pruned == 3)
-        assert outbox.pruned == 3 and _files(spool) == 0
+        assert outbox.pruned == 3 and len(stored_spool_files(spool)) == 0
         # the bytes are on the bus, and the spool still knows the instances
         messages = read_topic(bus, topics.DICOM_INSTANCES, 3)
         got = {dict(m.headers)[topics.H_SOP_INSTANCE_UID].decode(): m.value for m in messages}
@@ -66,7 +62,7 @@ def test_retention_zero_keeps_every_file(tmp_path: Path) -> None:
         _wait_for(lambda: outbox.published == 1)
         assert outbox.published == 1
         time.sleep(0.5)  # many idle passes of the thread
-        assert outbox.pruned == 0 and _files(spool) == 1
+        assert outbox.pruned == 0 and len(stored_spool_files(spool)) == 1
     finally:
         outbox.stop()
         bus.close()

@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from agent.spool import InstanceInfo, Spool, StoreOutcome
+from tests.fixtures.dicom import stored_spool_files
 
 
 def _info(sop: str, series: str = "1.2.3.4", at: float = 1.0) -> InstanceInfo:
@@ -77,7 +78,7 @@ def test_quarantine_keeps_bytes_and_reason(tmp_path: Path) -> None:
 
 
 def _spool_files(spool: Spool) -> set[str]:
-    return {p.name for p in spool.root.glob("*/*.dcm") if p.stat().st_size}
+    return {p.name for p in stored_spool_files(spool)}
 
 
 def test_prune_deletes_only_files_published_before_the_cut(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from agent.spool import (
     xattrs_supported,
 )
 from schemas import topics
-from tests.fixtures.dicom import read_topic
+from tests.fixtures.dicom import read_topic, stored_spool_files
 
 SERIES = "1.2.3.4"
 
@@ -59,10 +59,6 @@ def _count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-def _stored_files(spool: Spool) -> list[Path]:
-    return [p for p in spool.root.glob("*/*.dcm") if p.stat().st_size > 0]
-
-
 def test_store_is_one_fsync_of_a_sealed_file(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     spool = Spool(tmp_path)
@@ -72,7 +68,7 @@ def test_store_is_one_fsync_of_a_sealed_file(tmp_path: Path,
         assert spool.store(_info(f"1.{i}"), [b"head", b"body%d" % i]) is StoreOutcome.STORED
     # one file fsync per instance; one directory fsync for the whole pool batch
     assert calls.count("file") == POOL_BATCH and calls.count("dir") == 1
-    (path,) = [p for p in _stored_files(spool) if p.read_bytes() == b"headbody0"]
+    (path,) = [p for p in stored_spool_files(spool) if p.read_bytes() == b"headbody0"]
     assert b'"sop_instance_uid":"1.0"' in os.getxattr(path, SEAL_XATTR)
     spool.close()
     assert len(list(spool.root.glob("*/*.dcm"))) == POOL_BATCH  # unused pool files removed
