@@ -16,11 +16,11 @@ import threading
 from types import FrameType
 from typing import Any
 
+from agent.allocator import tune_for_large_buffers
 from agent.app import ALL_ROLES, Agent
 from agent.commands.common import add_settings_args, settings_from_args
 
 logger = logging.getLogger(__name__)
-
 
 
 def register(sub: Any) -> None:
@@ -36,7 +36,9 @@ def register_roles(sub: Any, name: str, roles: frozenset[str], help_text: str,
     add_settings_args(parser)
 
     def run(args: argparse.Namespace) -> int:
-        return run_until_signal(Agent(settings_from_args(args), roles=roles))
+        settings = settings_from_args(args)
+        tune_for_large_buffers()
+        return run_until_signal(Agent(settings, roles=roles))
 
     parser.set_defaults(func=run)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import ssl
-import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from schemas.messages import INSTANCE_SCHEMA
 from tests.fixtures.dicom import (
     SAMPLE,
     copy_series,
+    dataset_offset,
     free_port,
     read_topic,
     run_storescu,
@@ -37,28 +37,6 @@ from tests.fixtures.kafka import kafka_test_overrides
 
 StoreScp = Callable[..., tuple[int, Path]]
 REPO = Path(__file__).resolve().parents[2]
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-             b"UT", b"UV"}
-
-
-def dataset_offset(data: bytes) -> int:
-    """Where the dataset starts in a Part-10 file: after preamble and the (0002,xxxx) group,
-    which is always Explicit VR Little Endian."""
-    pos = 132 if data[128:132] == b"DICM" else 0
-    while pos + 8 <= len(data):
-        group, _elem = struct.unpack_from("<HH", data, pos)
-        if group != 0x0002:
-            break
-        vr = data[pos + 4:pos + 6]
-        if vr in _LONG_VRS:
-            (length,) = struct.unpack_from("<I", data, pos + 8)
-            pos += 12 + length
-        else:
-            (length,) = struct.unpack_from("<H", data, pos + 6)
-            pos += 8 + length
-    return pos
-
-
 def wait_published(agent: Agent, count: int, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     assert agent.spool is not None
@@ -354,3 +332,86 @@ def test_port_in_use_is_a_config_error(running_agent: Callable[..., Agent]) -> N
     with pytest.raises(ConfigError, match="cannot listen"):
         running_agent(port=agent.port)
     assert free_port() != agent.port
+
+
+# -- the per-instance fast paths, checked against the libraries they stand in for ---------
+
+
+@pytest.mark.parametrize(("sop_instance", "source_ae"),
+                         [("1.2.826.0.1.3680043.8.498.1", "STORESCU"), ("", "AE"),
+                          ("1.2.3", "SIXTEEN_CHARS_AE")])
+def test_file_meta_is_encoded_as_pydicom_encodes_it(sop_instance: str, source_ae: str) -> None:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+    from agent.ingest import encode_file_meta
+
+    meta = FileMetaDataset()
+    meta.FileMetaInformationGroupLength = 0
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = UID(str(CTImageStorage))
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.70")
+    meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+    meta.SourceApplicationEntityTitle = source_ae
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_file_meta_info(buf, meta, enforce_standard=False)
+    assert encode_file_meta(sop_class_uid=str(CTImageStorage), sop_instance_uid=sop_instance,
+                            transfer_syntax_uid="1.2.840.10008.1.2.4.70",
+                            source_ae=source_ae) == buf.getvalue()
+
+
+def test_store_success_response_is_encoded_as_pynetdicom_encodes_it() -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    from agent.ingest import encode_store_success
+
+    for message_id, sop_instance in [(1, "1.2.3"), (65535, "1.2.840.113619.2.55.3.12345.678")]:
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = message_id
+        rsp.AffectedSOPClassUID = CTImageStorage
+        rsp.AffectedSOPInstanceUID = sop_instance
+        rsp.Status = 0x0000
+        message = C_STORE_RSP()
+        message.primitive_to_message(rsp)
+        assert encode_store_success(rsp) == encode(message.command_set, True, True)
+        rsp.ErrorComment = "a comment"  # anything but a plain Success goes through pynetdicom
+        assert encode_store_success(rsp) is None
+        rsp.ErrorComment, rsp.Status = None, int(StoreStatus.CANNOT_PARSE)
+        assert encode_store_success(rsp) is None
+    request = C_STORE()
+    request.MessageID = 1
+    assert encode_store_success(request) is None
+
+
+def test_bulk_read_socket_reads_whole_pdus_and_stops_at_close() -> None:
+    import socket
+    import threading
+
+    from agent.ingest import _BulkReadSocket
+
+    ours, theirs = socket.socketpair()
+    reader = object.__new__(_BulkReadSocket)  # only the wrapped socket is used by recv()
+    reader.socket = ours
+    payload = bytes(range(256)) * 2048  # 512 KiB, written in uneven pieces
+
+    def send() -> None:
+        for start in range(0, len(payload), 70_001):
+            theirs.sendall(payload[start:start + 70_001])
+            time.sleep(0.001)
+        theirs.sendall(b"tail")
+        theirs.close()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        assert reader.recv(len(payload)) == payload
+        assert reader.recv(100) == b"tail"  # the peer closed: what arrived, as pynetdicom does
+    finally:
+        sender.join()
+        ours.close()

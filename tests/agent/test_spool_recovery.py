@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from agent.outbox import Outbox
 from agent.spool import (
     INDEX_FILE,
     POOL_BATCH,
+    POOL_LOW_WATER,
     SEAL_XATTR,
     InstanceInfo,
     Spool,
@@ -64,14 +66,22 @@ def test_store_is_one_fsync_of_a_sealed_file(tmp_path: Path,
     spool = Spool(tmp_path)
     assert spool.sealed
     calls = _count_fsyncs(monkeypatch)
-    for i in range(POOL_BATCH):
+    first = POOL_BATCH - POOL_LOW_WATER + 1  # taking the last of these leaves the pool low
+    for i in range(first):
         assert spool.store(_info(f"1.{i}"), [b"head", b"body%d" % i]) is StoreOutcome.STORED
-    # one file fsync per instance; one directory fsync for the whole pool batch
-    assert calls.count("file") == POOL_BATCH and calls.count("dir") == 1
+    # the next batch is made in the background: no store waits for it
+    deadline = time.monotonic() + 10
+    while len(list(spool.root.glob("*/*.dcm"))) < 2 * POOL_BATCH and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(list(spool.root.glob("*/*.dcm"))) == 2 * POOL_BATCH
+    for i in range(first, POOL_BATCH + 1):
+        assert spool.store(_info(f"1.{i}"), [b"head", b"body%d" % i]) is StoreOutcome.STORED
+    # one file fsync per instance; one directory fsync per pool batch
+    assert calls.count("file") == POOL_BATCH + 1 and calls.count("dir") == 2
     (path,) = [p for p in stored_spool_files(spool) if p.read_bytes() == b"headbody0"]
     assert b'"sop_instance_uid":"1.0"' in os.getxattr(path, SEAL_XATTR)
     spool.close()
-    assert len(list(spool.root.glob("*/*.dcm"))) == POOL_BATCH  # unused pool files removed
+    assert len(list(spool.root.glob("*/*.dcm"))) == POOL_BATCH + 1  # unused pool files removed
 
 
 def test_lost_index_rows_are_rebuilt_from_sealed_files_and_published(tmp_path: Path) -> None:
