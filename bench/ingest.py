@@ -9,7 +9,9 @@ resident memory of each listener (``VmHWM``) for a 30-slice and the 300-slice se
 whether the listener's memory grows with the series. For ``hust19 ingest`` it also reports
 ``published_s``: from the start of the send until every instance could be read back from the
 embedded bus (the outbox publishes while the series streams in). The load averages at the
-start and the end say how busy the machine was (ratios are taken within one run).
+start and the end say how busy the machine was (ratios are taken within one run). Before each
+run the page cache is written back (``sync``), so that what one listener left unwritten
+(dcmtk's and pynetdicom's examples do not fsync) is not flushed during the next one's run.
 
     .venv/bin/python bench/ingest.py [--copies 10] [--repeats 3]
 """
@@ -91,6 +93,7 @@ def _listener(kind: str, port: int, out: Path) -> subprocess.Popen[bytes]:
 def _run(kind: str, files: list[Path], work: Path) -> dict[str, float]:
     port = free_port()
     out = Path(tempfile.mkdtemp(dir=work))
+    os.sync()  # the files the previous listener wrote without fsync are not flushed in this run
     proc = _listener(kind, port, out)
     try:
         wait_port(port, 60)
