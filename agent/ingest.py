@@ -108,6 +108,7 @@ period costs CPU only during an association."""
 
 PREAMBLE: Final = b"\x00" * 128 + b"DICM"
 FILE_META_VERSION: Final = b"\x00\x01"
+"""(0002,0001) File Meta Information Version."""
 C_STORE_RSP_COMMAND: Final = 0x8001
 """(0000,0100) Command Field of a C-STORE-RSP."""
 NO_DATA_SET: Final = 0x0101
@@ -116,7 +117,6 @@ PDV_HEADER_BYTES: Final = 6
 """PDV item length (4), presentation context ID (1), message control header (1)."""
 LAST_COMMAND_FRAGMENT: Final = b"\x03"
 """Message control header: command, last fragment."""
-"""(0002,0001) File Meta Information Version."""
 
 _PYNETDICOM_LOGGER: Final = logging.getLogger("pynetdicom")
 _STANDARD_LOG_HANDLERS: Final = (

@@ -75,8 +75,8 @@ SUFFIX: Final = ".dcm"
 POOL_BATCH: Final = 32
 """Empty spool files created (and made durable by one directory fsync) per pool refill."""
 POOL_LOW_WATER: Final = POOL_BATCH // 2
-"""When fewer empty files than this are left, the next batch is created in the background
-(its 32 file creations and directory fsync, about 14 ms here, then delay no C-STORE)."""
+"""When fewer empty files than this are left, the next batch is created in the background, so
+that its file creations and directory fsync (about 14 ms here) delay no C-STORE."""
 SEAL_XATTR: Final = "user.hust19.seal"
 """Extended attribute that seals a complete spool file (see the module docstring)."""
 SEAL_VERSION: Final = 1
