@@ -7,6 +7,9 @@ UIDs), calls ``producer.flush()`` and only when that returned marks the batch pu
 between flush and mark means the batch is sent again after restart: at-least-once, and a
 duplicate is harmless downstream (the SOP Instance UID is in the headers).
 
+While a stream of instances is arriving the outbox waits for it to pause (at most
+``YIELD_MAX_S``), so that its bus writes do not compete with the listener's fsyncs.
+
 If the bus is down the SCP keeps accepting into the spool; the outbox retries with
 exponential backoff (``BACKOFF_INITIAL_S`` doubling up to ``BACKOFF_MAX_S``, a new producer each
 time) and catches up when the bus returns. After each pass it asks the
@@ -43,6 +46,13 @@ COALESCE_S: Final = 0.05
 """After a wake-up, wait this long for more instances, so that one ``flush()`` (an fsync on the
 embedded bus) covers a batch rather than every instance while a series streams in; it also
 keeps the publisher from competing with the listener for the disk and the GIL per instance."""
+RECEIVING_GAP_S: Final = 0.25
+"""Instances spooled less than this apart count as one stream still arriving."""
+YIELD_MAX_S: Final = 2.0
+"""While a stream arrives the outbox waits for it to pause, at most this long: its bus appends
+and fsyncs would share the disk with the listener's, whose fsync is on every C-STORE's path
+(measured ~10 % more instances/s for one 300-instance association). Shorter than the series
+quiet time, so a series' instances are on the bus before its completion event is due."""
 BACKOFF_INITIAL_S: Final = 0.5
 BACKOFF_MAX_S: Final = 30.0
 FLUSH_TIMEOUT_S: Final = 60.0
@@ -101,6 +111,7 @@ class Outbox:
         self.retention_s = retention_s
         self.pruned = 0
         self._next_prune = 0.0
+        self._last_wake = 0.0
 
     # -- one pass ------------------------------------------------------------------------
 
@@ -174,6 +185,7 @@ class Outbox:
 
     def wake(self) -> None:
         """Something was spooled: publish soon."""
+        self._last_wake = time.monotonic()
         self._wake.set()
 
     def start(self) -> None:
@@ -203,7 +215,15 @@ class Outbox:
                 break
             if self._wake.wait(POLL_S) and not self._stop.is_set():
                 self._stop.wait(COALESCE_S)
+                self._yield_while_receiving()
             self._wake.clear()
+
+    def _yield_while_receiving(self) -> None:
+        """Wait while instances keep arriving (see :data:`YIELD_MAX_S`), at most that long."""
+        deadline = time.monotonic() + YIELD_MAX_S
+        while (time.monotonic() - self._last_wake < RECEIVING_GAP_S
+               and time.monotonic() < deadline and not self._stop.is_set()):
+            self._stop.wait(RECEIVING_GAP_S / 2)
 
     def _prune_due(self) -> None:
         """Delete one batch of expired spool files when the retention is on and it is time."""

@@ -11,7 +11,8 @@ whether the listener's memory grows with the series. For ``hust19 ingest`` it al
 embedded bus (the outbox publishes while the series streams in). The load averages at the
 start and the end say how busy the machine was (ratios are taken within one run). Before each
 run the page cache is written back (``sync``), so that what one listener left unwritten
-(dcmtk's and pynetdicom's examples do not fsync) is not flushed during the next one's run.
+(dcmtk's and pynetdicom's examples do not fsync) is not flushed during the next one's run, and
+after each run its files are deleted, so that every run starts from the same disk state.
 
     .venv/bin/python bench/ingest.py [--copies 10] [--repeats 3]
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -110,6 +112,7 @@ def _run(kind: str, files: list[Path], work: Path) -> dict[str, float]:
         return result
     finally:
         stop_process(proc, timeout_s=30)
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def main() -> int:

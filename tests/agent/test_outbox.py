@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.bus import open_bus
-from agent.outbox import Outbox
+from agent.outbox import RECEIVING_GAP_S, YIELD_MAX_S, Outbox
 from agent.spool import InstanceInfo, Spool
 from schemas import topics
 from tests.fixtures.dicom import read_topic, stored_spool_files
@@ -63,6 +63,51 @@ def test_retention_zero_keeps_every_file(tmp_path: Path) -> None:
         assert outbox.published == 1
         time.sleep(0.5)  # many idle passes of the thread
         assert outbox.pruned == 0 and len(stored_spool_files(spool)) == 1
+    finally:
+        outbox.stop()
+        bus.close()
+        spool.close()
+
+
+def _stream(spool: Spool, outbox: Outbox, prefix: str, seconds: float) -> float:
+    """Spool an instance every 50 ms for ``seconds`` (as a sending association does); the
+    time the last one was spooled."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        spool.store(_info(f"{prefix}.{n}"), [b"streamed"])
+        outbox.wake()
+        n += 1
+        time.sleep(0.05)
+    return time.monotonic()
+
+
+def test_publishing_waits_for_a_stream_to_pause(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "data")
+    bus = open_bus("embedded", tmp_path / "bus")
+    outbox = Outbox(spool, bus)
+    try:
+        outbox.start()
+        last = _stream(spool, outbox, "7", 1.0)
+        assert outbox.published == 0  # nothing published while the stream was arriving
+        _wait_for(lambda: spool.pending_count() == 0)
+        waited = time.monotonic() - last
+        assert spool.pending_count() == 0 and waited < RECEIVING_GAP_S + 1.0
+    finally:
+        outbox.stop()
+        bus.close()
+        spool.close()
+
+
+def test_a_long_stream_is_published_while_it_arrives(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "data")
+    bus = open_bus("embedded", tmp_path / "bus")
+    outbox = Outbox(spool, bus)
+    try:
+        outbox.start()
+        _stream(spool, outbox, "6", YIELD_MAX_S + 1.5)
+        # the stream never paused, yet the outbox published after at most YIELD_MAX_S
+        assert outbox.published > 0
     finally:
         outbox.stop()
         bus.close()
