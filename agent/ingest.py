@@ -18,6 +18,7 @@ Protocol roles, cut as pynetdicom cuts them:
 from __future__ import annotations
 
 import logging
+import queue
 import re
 import socket
 import ssl
@@ -571,6 +572,34 @@ class _QuickReplyDIMSE(DIMSEServiceProvider):
         self.dul.send_pdu(pdata)
 
 
+class _InlineStoreQueue(queue.Queue[Any]):
+    """The DIMSE message queue of an association that serves C-STORE requests at once.
+
+    pynetdicom's network (DUL) thread decodes a request and puts it on this queue; the
+    association's reactor thread takes it, runs the handler and queues the response back to
+    the network thread: two thread hand-overs (and GIL transfers) per instance, in series
+    with the sender, who waits for each response. A C-STORE request is served here, on the
+    network thread, as pynetdicom itself does with N-EVENT-REPORT requests; the sender sends
+    nothing else until it has the response, so nothing waits behind it. Every other message
+    goes on the queue as before.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__()
+        self._assoc = assoc
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        context_id, msg = item
+        if type(msg) is not C_STORE or msg.MessageIDBeingRespondedTo is not None:
+            super().put(item, block, timeout)
+            return
+        try:
+            self._assoc._serve_request(msg, context_id)
+        except Exception:  # never into pynetdicom's network thread
+            logger.exception("C-STORE request (message ID %s) could not be served",
+                             msg.MessageID)
+
+
 class _PromptRequestHandler(RequestHandler):
     """pynetdicom's request handler, creating :class:`_PromptAssociation` acceptors."""
 
@@ -701,6 +730,7 @@ class StorageSCP:
                 assoc.dul.socket.__class__ = _BulkReadSocket  # same layout: only recv() differs
             if type(assoc.dimse) is DIMSEServiceProvider:
                 assoc.dimse.__class__ = _QuickReplyDIMSE  # same layout: only send_msg() differs
+                assoc.dimse.msg_queue = _InlineStoreQueue(assoc)  # nothing queued yet
         with _suppress_logged("setting TCP_NODELAY"):
             sock = assoc.dul.socket.socket if assoc.dul.socket else None
             if sock is not None:
