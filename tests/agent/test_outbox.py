@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from agent.bus import open_bus
+from agent.bus import Bus, open_bus
 from agent.outbox import RECEIVING_GAP_S, YIELD_MAX_S, Outbox
 from agent.spool import InstanceInfo, Spool
 from schemas import topics
@@ -22,6 +24,21 @@ def _info(sop: str) -> InstanceInfo:
                         received_at=time.time())
 
 
+@contextlib.contextmanager
+def _running(tmp_path: Path, **kwargs: Any) -> Iterator[tuple[Spool, Bus, Outbox]]:
+    """A spool, an embedded bus and an outbox between them (started), closed afterwards."""
+    spool = Spool(tmp_path / "data")
+    bus = open_bus("embedded", tmp_path / "bus")
+    outbox = Outbox(spool, bus, **kwargs)
+    try:
+        outbox.start()
+        yield spool, bus, outbox
+    finally:
+        outbox.stop()
+        bus.close()
+        spool.close()
+
+
 def _wait_for(done: Callable[[], bool]) -> None:
     deadline = time.monotonic() + WAIT_S
     while not done() and time.monotonic() < deadline:
@@ -29,14 +46,11 @@ def _wait_for(done: Callable[[], bool]) -> None:
 
 
 def test_published_files_are_deleted_after_the_retention(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "data")
     payloads = {f"9.{i}": f"instance {i}".encode() * 100 for i in range(3)}
-    for sop, value in payloads.items():
-        spool.store(_info(sop), [value])
-    bus = open_bus("embedded", tmp_path / "bus")
-    outbox = Outbox(spool, bus, retention_s=0.2)
-    try:
-        outbox.start()
+    with _running(tmp_path, retention_s=0.2) as (spool, bus, outbox):
+        for sop, value in payloads.items():
+            spool.store(_info(sop), [value])
+        outbox.wake()
         _wait_for(lambda: outbox.published == 3)
         assert outbox.published == 3
         _wait_for(lambda: outbox.pruned == 3)
@@ -46,27 +60,16 @@ def test_published_files_are_deleted_after_the_retention(tmp_path: Path) -> None
         got = {dict(m.headers)[topics.H_SOP_INSTANCE_UID].decode(): m.value for m in messages}
         assert got == payloads
         assert all(spool.contains(sop) for sop in payloads)
-    finally:
-        outbox.stop()
-        bus.close()
-        spool.close()
 
 
 def test_retention_zero_keeps_every_file(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "data")
-    spool.store(_info("8.1"), [b"kept"])
-    bus = open_bus("embedded", tmp_path / "bus")
-    outbox = Outbox(spool, bus)
-    try:
-        outbox.start()
+    with _running(tmp_path) as (spool, _bus, outbox):
+        spool.store(_info("8.1"), [b"kept"])
+        outbox.wake()
         _wait_for(lambda: outbox.published == 1)
         assert outbox.published == 1
         time.sleep(0.5)  # many idle passes of the thread
         assert outbox.pruned == 0 and len(stored_spool_files(spool)) == 1
-    finally:
-        outbox.stop()
-        bus.close()
-        spool.close()
 
 
 def _stream(spool: Spool, outbox: Outbox, prefix: str, seconds: float) -> float:
@@ -83,32 +86,17 @@ def _stream(spool: Spool, outbox: Outbox, prefix: str, seconds: float) -> float:
 
 
 def test_publishing_waits_for_a_stream_to_pause(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "data")
-    bus = open_bus("embedded", tmp_path / "bus")
-    outbox = Outbox(spool, bus)
-    try:
-        outbox.start()
+    with _running(tmp_path) as (spool, _bus, outbox):
+        time.sleep(0.5)  # the thread's first pass (topics, nothing pending) is over
         last = _stream(spool, outbox, "7", 1.0)
         assert outbox.published == 0  # nothing published while the stream was arriving
         _wait_for(lambda: spool.pending_count() == 0)
         waited = time.monotonic() - last
         assert spool.pending_count() == 0 and waited < RECEIVING_GAP_S + 1.0
-    finally:
-        outbox.stop()
-        bus.close()
-        spool.close()
 
 
 def test_a_long_stream_is_published_while_it_arrives(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "data")
-    bus = open_bus("embedded", tmp_path / "bus")
-    outbox = Outbox(spool, bus)
-    try:
-        outbox.start()
+    with _running(tmp_path) as (spool, _bus, outbox):
         _stream(spool, outbox, "6", YIELD_MAX_S + 1.5)
         # the stream never paused, yet the outbox published after at most YIELD_MAX_S
         assert outbox.published > 0
-    finally:
-        outbox.stop()
-        bus.close()
-        spool.close()
