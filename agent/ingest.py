@@ -580,8 +580,8 @@ class _InlineStoreQueue(queue.Queue[Any]):
     the network thread: two thread hand-overs (and GIL transfers) per instance, in series
     with the sender, who waits for each response. A C-STORE request is served here, on the
     network thread, as pynetdicom itself does with N-EVENT-REPORT requests; the sender sends
-    nothing else until it has the response, so nothing waits behind it. Every other message
-    goes on the queue as before.
+    nothing else until it has the response (the SCP negotiates no asynchronous operations), so
+    nothing waits behind it. Every other message goes on the queue as before.
     """
 
     def __init__(self, assoc: Association) -> None:

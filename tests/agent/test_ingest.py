@@ -415,3 +415,26 @@ def test_bulk_read_socket_reads_whole_pdus_and_stops_at_close() -> None:
     finally:
         sender.join()
         ours.close()
+
+
+def test_only_store_requests_skip_the_reactor_queue() -> None:
+    from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+
+    from agent.ingest import _InlineStoreQueue
+
+    class Served:  # stands in for the association: records what it was asked to serve
+        def __init__(self) -> None:
+            self.requests: list[tuple[object, int]] = []
+
+        def _serve_request(self, msg: object, context_id: int) -> None:
+            self.requests.append((msg, context_id))
+
+    assoc = Served()
+    messages = _InlineStoreQueue(assoc)  # type: ignore[arg-type]
+    store, echo, response = C_STORE(), C_ECHO(), C_STORE()
+    store.MessageID, echo.MessageID = 1, 2
+    response.MessageIDBeingRespondedTo = 3
+    for msg in (store, echo, response):
+        messages.put((5, msg))
+    assert assoc.requests == [(store, 5)]
+    assert [messages.get_nowait()[1] for _ in range(messages.qsize())] == [echo, response]
