@@ -71,7 +71,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from agent.config import Settings
-from agent.element_scan import UNDEFINED_LENGTH, ScanError, inflate, scan
+from agent.element_scan import PIXEL_DATA, UNDEFINED_LENGTH, ScanError, inflate, scan
 from agent.metrics import STAGE_INGEST, Metrics
 from agent.spool import InstanceInfo, Spool, SpoolError, StoreOutcome
 from agent.status import StoreStatus, error_comment
@@ -136,7 +136,6 @@ _LABELS: Final = {"StudyInstanceUID": "Study Instance UID (0020,000D)",
                   "SeriesInstanceUID": "Series Instance UID (0020,000E)",
                   "SOPInstanceUID": "SOP Instance UID (0008,0018)"}
 _SOP_CLASS_TAG: Final = Tag(0x0008, 0x0016)
-_PIXEL_DATA: Final = 0x7FE00010
 _TAG_CHARSET: Final = 0x00080005
 _TAG_SAMPLES: Final = 0x00280002
 _TAG_NUMBER_OF_FRAMES: Final = 0x00280008
@@ -224,7 +223,7 @@ def _facts_from_scan(dataset: bytes | memoryview, transfer_syntax_uid: str) -> _
     walked = scan(dataset, explicit_vr=transfer_syntax_uid != ImplicitVRLittleEndian,
                   wanted=_SCAN_TAGS)
     present = walked.elements
-    pixel = present.get(_PIXEL_DATA)
+    pixel = present.get(PIXEL_DATA)
     geometry = None
     if transfer_syntax_uid in NATIVE_SYNTAXES and pixel is not None:
         if pixel.length == UNDEFINED_LENGTH:
@@ -237,13 +236,13 @@ def _facts_from_scan(dataset: bytes | memoryview, transfer_syntax_uid: str) -> _
         geometry = (_us(walked.value(_TAG_ROWS)), _us(walked.value(_TAG_COLUMNS)),
                     _us(walked.value(_TAG_SAMPLES), default=1), frames,
                     _us(walked.value(_TAG_BITS_ALLOCATED)), pixel.length)
-    charsets = (_ascii(walked.value(_TAG_CHARSET)) or "").split("\\")
+    charsets = [c.strip() for c in (_ascii(walked.value(_TAG_CHARSET)) or "").split("\\")
+                if c.strip()]
     return _Facts(
         uids={name: _ascii(walked.value(int(tag))) for name, tag in _UID_TAGS.items()},
         sop_class_uid=_ascii(walked.value(int(_SOP_CLASS_TAG))),
         has_pixels=any(int(t) in present for t in _PIXEL_TAGS), geometry=geometry,
-        hints={name: _hint(walked.value(int(tag)), [c.strip() for c in charsets if c.strip()])
-               for name, tag in _HINT_TAGS.items()})
+        hints={name: _hint(walked.value(int(tag)), charsets) for name, tag in _HINT_TAGS.items()})
 
 
 def _raw_text(ds: Dataset, tag: BaseTag) -> str | None:
@@ -260,7 +259,7 @@ def _raw_text(ds: Dataset, tag: BaseTag) -> str | None:
     if value is None:
         return ""
     if isinstance(value, bytes):
-        return value.decode("latin-1").strip("\x00 ")
+        return _ascii(value)
     return str(value).strip("\x00 ")
 
 
