@@ -71,6 +71,13 @@ class Settings(BaseModel):
                                      "many hours after it was published to the bus (its index "
                                      "row stays, so a re-sent instance is still recognised); "
                                      "0 keeps every file.")
+    spool_pool_files: int = Field(256, ge=0, description="Spool files pre-written ahead of time "
+                                  "(zeros, flushed) while no instance arrives, so that storing "
+                                  "one costs a data-only flush instead of a journal commit; "
+                                  "0 turns this off.")
+    spool_pool_file_kib: int = Field(576, ge=8, description="Size of a pre-written spool file in "
+                                     "KiB: fits a 512x512 16-bit CT instance. Instances more "
+                                     "than this, or less than half of it, take the slower path.")
     # Bus
     bus: str = Field("embedded", description="'embedded' (durable, one box) or "
                      "'kafka://host:port[,host:port...]'.")

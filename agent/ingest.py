@@ -37,6 +37,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -73,7 +74,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from agent.config import Settings
 from agent.element_scan import PIXEL_DATA, UNDEFINED_LENGTH, ScanError, inflate, scan
 from agent.metrics import STAGE_INGEST, Metrics
-from agent.spool import InstanceInfo, Spool, SpoolError, StoreOutcome
+from agent.spool import TRAILING_PADDING, InstanceInfo, Padding, Spool, SpoolError, StoreOutcome
 from agent.status import StoreStatus, error_comment
 from schemas.errors import ConfigError
 
@@ -142,13 +143,14 @@ _TAG_NUMBER_OF_FRAMES: Final = 0x00280008
 _TAG_ROWS: Final = 0x00280010
 _TAG_COLUMNS: Final = 0x00280011
 _TAG_BITS_ALLOCATED: Final = 0x00280100
+_TAG_TRAILING_PADDING: Final = TRAILING_PADDING << 16 | TRAILING_PADDING
 _HINT_TAGS: Final = {"PatientID": Tag(0x0010, 0x0020), "AccessionNumber": Tag(0x0008, 0x0050),
                      "Modality": Tag(0x0008, 0x0060)}
 _SCAN_TAGS: Final = frozenset({
     *(int(t) for t in (*_UID_TAGS.values(), _SOP_CLASS_TAG, *_PIXEL_TAGS,
                        *_HINT_TAGS.values())),
     _TAG_CHARSET, _TAG_SAMPLES, _TAG_NUMBER_OF_FRAMES, _TAG_ROWS, _TAG_COLUMNS,
-    _TAG_BITS_ALLOCATED})
+    _TAG_BITS_ALLOCATED, _TAG_TRAILING_PADDING})
 _VALID_UID: Final = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _MAX_UID_LEN: Final = 64
 
@@ -173,6 +175,9 @@ class CheckedInstance:
 
     info: InstanceInfo
     warnings: list[str] = field(default_factory=list)
+    padding: Padding | None = None
+    """How the spool may close the dataset with a trailing padding element (``None``: it may
+    not: deflated, big endian, or padded already)."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,16 @@ class _Facts:
     """Native Pixel Data (7FE0,0010) only: rows, columns, samples, frames, bits allocated and
     the bytes present."""
     hints: dict[str, str | None]
+    padded: bool
+    """The dataset ends with its own Data Set Trailing Padding (FFFC,FFFC)."""
+
+
+def _padding(transfer_syntax_uid: str, padded: bool) -> Padding | None:
+    """How a trailing padding element would be encoded after a dataset in this syntax."""
+    uid = UID(transfer_syntax_uid)
+    if padded or not uid.is_transfer_syntax or uid.is_deflated or not uid.is_little_endian:
+        return None
+    return Padding.IMPLICIT_VR if uid.is_implicit_VR else Padding.EXPLICIT_VR
 
 
 def _ascii(raw: bytes | None) -> str | None:
@@ -242,7 +257,8 @@ def _facts_from_scan(dataset: bytes | memoryview, transfer_syntax_uid: str) -> _
         uids={name: _ascii(walked.value(int(tag))) for name, tag in _UID_TAGS.items()},
         sop_class_uid=_ascii(walked.value(int(_SOP_CLASS_TAG))),
         has_pixels=any(int(t) in present for t in _PIXEL_TAGS), geometry=geometry,
-        hints={name: _hint(walked.value(int(tag)), charsets) for name, tag in _HINT_TAGS.items()})
+        hints={name: _hint(walked.value(int(tag)), charsets) for name, tag in _HINT_TAGS.items()},
+        padded=_TAG_TRAILING_PADDING in present)
 
 
 def _raw_text(ds: Dataset, tag: BaseTag) -> str | None:
@@ -295,7 +311,8 @@ def _facts_from_pydicom(part10: bytes, transfer_syntax_uid: str) -> _Facts:
     return _Facts(uids={name: _raw_text(ds, tag) for name, tag in _UID_TAGS.items()},
                   sop_class_uid=_raw_text(ds, _SOP_CLASS_TAG), has_pixels=pixel_tag is not None,
                   geometry=geometry,
-                  hints={name: _text(ds, name) for name in _HINT_TAGS})
+                  hints={name: _text(ds, name) for name in _HINT_TAGS},
+                  padded=_TAG_TRAILING_PADDING in ds)
 
 
 def check_dataset(dataset: bytes | memoryview, *, file_meta: bytes, sop_class_uid: str,
@@ -345,7 +362,7 @@ def check_dataset(dataset: bytes | memoryview, *, file_meta: bytes, sop_class_ui
         series_uid=series_uid, transfer_syntax_uid=transfer_syntax_uid, calling_ae=calling_ae,
         received_at=received_at, patient_id=facts.hints["PatientID"],
         accession_number=facts.hints["AccessionNumber"], modality=facts.hints["Modality"])
-    return CheckedInstance(info, invalid)
+    return CheckedInstance(info, invalid, _padding(transfer_syntax_uid, facts.padded))
 
 
 def _check_native_length(rows: int, cols: int, samples: int, frames: int, bits: int,
@@ -860,7 +877,7 @@ class StorageSCP:
                     stats.warned.add(warning)
                     logger.warning("study %s series %s from %s: %s (accepted)", info.study_uid,
                                    info.series_uid, stats.calling_ae, warning)
-            outcome = self.spool.store(info, parts)
+            outcome = self.spool.store(info, parts, padding=checked.padding)
         except Rejection as rej:
             return self._reject(stats, parts, rej.status, rej.reason, details)
         except SpoolError as exc:

@@ -29,7 +29,7 @@ from typing import Final
 from agent.bus import Bus, Headers, Producer
 from agent.metrics import Metrics
 from agent.series import SeriesTracker
-from agent.spool import PRUNE_BATCH, Spool, SpooledInstance, SpoolError
+from agent.spool import PRUNE_BATCH, RECEIVING_GAP_S, Spool, SpooledInstance, SpoolError
 from schemas import topics
 from schemas.errors import Hust19Error
 from schemas.messages import SERIES_SCHEMA, InstanceHeaders, SeriesEvent, dump_json
@@ -46,8 +46,6 @@ COALESCE_S: Final = 0.05
 """After a wake-up, wait this long for more instances, so that one ``flush()`` (an fsync on the
 embedded bus) covers a batch rather than every instance while a series streams in; it also
 keeps the publisher from competing with the listener for the disk and the GIL per instance."""
-RECEIVING_GAP_S: Final = 0.25
-"""Instances spooled less than this apart count as one stream still arriving."""
 YIELD_MAX_S: Final = 2.0
 """While a stream arrives the outbox waits for it to pause, at most this long: its bus appends
 and fsyncs would share the disk with the listener's, whose fsync is on every C-STORE's path

@@ -7,22 +7,38 @@ Layout under ``data_dir``::
     quarantine/<time>-<random>.dcm + .json  rejected input and the reason
 
 **Sealed mode** (the default, wherever the file system keeps ``user.*`` extended attributes):
-the spool file itself is the durable record of an accepted instance, and it costs one fsync.
+the spool file itself is the durable record of an accepted instance, and it costs one flush.
 
-1. Spool files are taken from a pool of empty files created ahead of time (in a background
-   thread when the pool runs low), ``POOL_BATCH`` at a time in one directory, whose directory
-   is then ``fsync``'d once: the name of every pool file is already on disk before any
-   instance is written into it.
-2. :meth:`Spool.store` writes the Part-10 bytes into a pool file, attaches the *seal* (extended
-   attribute ``user.hust19.seal``: JSON with the size, the CRC-32C of the bytes and the index
-   fields of the instance) and ``fsync``'s the file: data, size and seal in one journal commit.
+1. Spool files are taken from a pool of files created ahead of time by a background thread,
+   ``POOL_BATCH`` at a time in one directory, whose directory is then ``fsync``'d once: the
+   name of every pool file is already on disk before any instance is written into it. Up to
+   ``pool_files`` of them are *pre-written*: ``pool_file_bytes`` of zeros, ``fdatasync``'d, so
+   their blocks are allocated and written (what PostgreSQL does with its WAL segments). The
+   thread pre-writes only while no instance arrives (``RECEIVING_GAP_S``); during a stream it
+   adds cheap empty files, and only when the pool runs low.
+2. :meth:`Spool.store` writes the Part-10 bytes into a pool file and attaches the *seal* (JSON
+   with the size, the CRC-32C of the bytes and the index fields of the instance), then flushes:
+
+   - *in the data* (``padding`` given, the usual case): the file is closed with a Data Set
+     Trailing Padding element (FFFC,FFFC), so it stays a valid Part-10 file, and the seal is
+     the last ``SEAL_BLOCK`` bytes of that padding. In a pre-written file of the right size
+     nothing but data changes, so ``fdatasync`` needs no journal commit (measured here: 0.3-0.4
+     ms instead of 0.7-1.7 ms for a 530 KB CT instance). Otherwise the file is sized to fit
+     and ``fdatasync`` also commits the new size.
+   - *as an extended attribute* ``user.hust19.seal`` (a dataset that must not be extended:
+     deflated, big endian, odd length, or already padded): ``fsync`` commits data, size and
+     seal in one journal commit.
 3. Then the index row is committed (WAL, ``synchronous=NORMAL``: no fsync of its own), in the
    same transaction as the series' running totals. Success may be answered once this returns.
+   The index keeps the instance's own size: :meth:`Spool.read` returns exactly the bytes
+   received, never the padding.
 
 A crash (or power loss) can lose the last index commits, never a sealed file: at the next start
 :meth:`Spool.recover` indexes every spool file without an index row whose seal matches its
 bytes (the outbox then publishes it), and deletes files without a valid seal (written but never
-sealed: a store that was interrupted, so no Success was sent) and unused pool files.
+sealed: a store that was interrupted, so no Success was sent) and unused pool files. A seal
+matches only if the CRC-32C of the instance (and, for a seal in the data, of the padding
+element's header, which holds the file's length) is right: a torn write never matches.
 Lost ``published``/``completed`` marks only mean a re-publication (at-least-once).
 
 **Compatibility mode** (no extended attributes, e.g. an old tmpfs): files are created with
@@ -48,6 +64,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -73,12 +90,32 @@ POOL_NAME_BYTES: Final = 10
 """Random bytes in the name of a pool file (hex-encoded)."""
 SUFFIX: Final = ".dcm"
 POOL_BATCH: Final = 32
-"""Empty spool files created (and made durable by one directory fsync) per pool refill."""
+"""Spool files created (and made durable by one directory fsync) per pool refill."""
 POOL_LOW_WATER: Final = POOL_BATCH // 2
-"""When fewer empty files than this are left, the next batch is created in the background, so
-that its file creations and directory fsync (about 14 ms here) delay no C-STORE."""
+"""When fewer pool files than this are left, empty ones are added in the background even while
+instances arrive, so that file creations and a directory fsync (about 14 ms here) delay no
+C-STORE."""
+POOL_FILE_BYTES: Final = 576 * 1024
+"""Default size of a pre-written pool file: a 512x512 16-bit CT instance (512 KiB of pixels
+plus its header) with its padding and seal."""
+POOL_RETRY_S: Final = 5.0
+"""After a failed refill (disk full), the filler tries again this much later."""
+RECEIVING_GAP_S: Final = 0.25
+"""Instances stored less than this apart count as one stream still arriving: background disk
+work (pre-writing pool files, the outbox's bus appends) waits for the stream to pause."""
 SEAL_XATTR: Final = "user.hust19.seal"
 """Extended attribute that seals a complete spool file (see the module docstring)."""
+PART10_MAGIC_END: Final = 132
+"""A Part-10 file has "DICM" at bytes 128-131: an unused pool file has only zeros up to here."""
+SEAL_BLOCK: Final = 4096
+"""A seal in the data: the last bytes of the file (JSON, zeros, :data:`_SEAL_TRAILER`)."""
+SEAL_MAGIC: Final = b"HUST19SL"
+_SEAL_TRAILER: Final = struct.Struct("<8sII")
+"""Magic, length of the seal's JSON, CRC-32C of that JSON."""
+TRAILING_PADDING: Final = 0xFFFC
+"""Group and element of Data Set Trailing Padding (FFFC,FFFC), PS3.6 Table 6-1."""
+_PADDING_EXPLICIT: Final = struct.Struct("<HH2s2xI")
+_PADDING_IMPLICIT: Final = struct.Struct("<HHI")
 SEAL_VERSION: Final = 1
 MAX_SEAL_BYTES: Final = 4000
 """A seal must fit one file-system block of extended attributes (4 KiB on ext4)."""
@@ -142,6 +179,24 @@ class _Recovered(enum.Enum):
     POOL = "pool"
     QUARANTINED = "quarantined"
     GONE = "gone"
+
+
+class Padding(enum.Enum):
+    """How the Data Set Trailing Padding element that carries a seal in the data is encoded:
+    as the dataset's transfer syntax encodes its elements (Little Endian, both)."""
+
+    EXPLICIT_VR = "explicit"
+    IMPLICIT_VR = "implicit"
+
+    @property
+    def header_size(self) -> int:
+        return (_PADDING_EXPLICIT if self is Padding.EXPLICIT_VR else _PADDING_IMPLICIT).size
+
+    def header(self, length: int) -> bytes:
+        """The element's tag, VR (explicit) and value length ``length`` (even)."""
+        if self is Padding.EXPLICIT_VR:
+            return _PADDING_EXPLICIT.pack(TRAILING_PADDING, TRAILING_PADDING, b"OB", length)
+        return _PADDING_IMPLICIT.pack(TRAILING_PADDING, TRAILING_PADDING, length)
 
 
 class StoreOutcome(enum.Enum):
@@ -230,10 +285,14 @@ def _write_durable(path: Path, parts: Sequence[bytes | memoryview]) -> int:
     return total
 
 
-def _seal_bytes(info: InstanceInfo, size: int, crc: int) -> bytes:
+def _seal_bytes(info: InstanceInfo, size: int, crc: int, end: int | None = None) -> bytes:
     """The seal of a complete spool file: what :meth:`Spool.recover` needs to check the bytes
-    and to index the instance without parsing DICOM."""
-    record = {"v": SEAL_VERSION, "size": size, "crc32c": crc, "info": asdict(info)}
+    and to index the instance without parsing DICOM. ``end`` (a seal in the data): where the
+    bytes covered by ``crc`` end (the instance and its padding element's header)."""
+    record: dict[str, Any] = {"v": SEAL_VERSION, "size": size, "crc32c": crc}
+    if end is not None:
+        record["end"] = end
+    record["info"] = asdict(info)
     data = json.dumps(record, separators=(",", ":")).encode()
     if len(data) > MAX_SEAL_BYTES:  # only the optional hints can be long: drop them
         record["info"] = {**asdict(info), "patient_id": None, "accession_number": None,
@@ -242,37 +301,117 @@ def _seal_bytes(info: InstanceInfo, size: int, crc: int) -> bytes:
     return data
 
 
-def _write_sealed(path: Path, parts: Sequence[bytes | memoryview], info: InstanceInfo) -> int:
-    """Write ``parts`` into the empty pool file ``path``, seal it and fsync it (one fsync:
-    the directory entry is already durable). On failure the file is removed."""
+def _seal_block(seal: bytes) -> bytes:
+    """``seal`` as the last :data:`SEAL_BLOCK` bytes of a file."""
+    trailer = _SEAL_TRAILER.pack(SEAL_MAGIC, len(seal), crc32c.crc32c(seal))
+    return seal + bytes(SEAL_BLOCK - len(seal) - len(trailer)) + trailer
+
+
+def _crc(parts: Sequence[bytes | memoryview]) -> int:
+    crc = 0
+    for part in parts:
+        crc = crc32c.crc32c(part, crc)
+    return crc
+
+
+def fits_pool_file(end: int, capacity: int) -> bool:
+    """Whether an instance whose padding element's header ends at byte ``end`` goes into a
+    pre-written file of ``capacity`` bytes as it is (room for the seal, at most half wasted)."""
+    return capacity // 2 <= end + SEAL_BLOCK <= capacity
+
+
+def is_unused_pool_file(path: Path) -> bool:
+    """Whether a spool file holds no instance: empty, or only zeros where a Part-10 file has
+    its preamble and "DICM" (a pre-written pool file)."""
+    with path.open("rb") as f:
+        return not any(f.read(PART10_MAGIC_END))
+
+
+def _open_pool_file(path: Path) -> int:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     except OSError:  # a pool file that cannot be opened is of no use: drop it
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
+
+
+def _write_sealed(path: Path, parts: Sequence[bytes | memoryview], info: InstanceInfo) -> int:
+    """Write ``parts`` into the pool file ``path``, seal it with an extended attribute and
+    fsync it (one fsync: the directory entry is already durable). On failure the file is
+    removed."""
+    fd = _open_pool_file(path)
     with _closed_or_removed(fd, path):
         if os.fstat(fd).st_size != 0:
-            raise OSError(errno.EEXIST, "pool file is not empty", str(path))
+            os.ftruncate(fd, 0)
         total = write_all(fd, parts)
-        crc = 0
-        for part in parts:
-            crc = crc32c.crc32c(part, crc)
-        os.setxattr(fd, SEAL_XATTR, _seal_bytes(info, total, crc))
+        os.setxattr(fd, SEAL_XATTR, _seal_bytes(info, total, _crc(parts)))
         os.fsync(fd)
     return total
+
+
+def _write_padded(path: Path, parts: Sequence[bytes | memoryview], info: InstanceInfo,
+                  padding: Padding, capacity: int) -> int:
+    """Write ``parts`` into the pool file ``path`` (pre-written to ``capacity`` bytes, or
+    empty if 0), close the dataset with a trailing padding element whose last bytes are the
+    seal, and ``fdatasync``. On failure the file is removed."""
+    size = sum(memoryview(p).nbytes for p in parts)
+    end = size + padding.header_size
+    length = capacity if fits_pool_file(end, capacity) else end + SEAL_BLOCK
+    header = padding.header(length - end)
+    block = _seal_block(_seal_bytes(info, size, _crc([*parts, header]), end))
+    fd = _open_pool_file(path)
+    with _closed_or_removed(fd, path):
+        if os.fstat(fd).st_size != length:
+            os.ftruncate(fd, length)
+        write_all(fd, [*parts, header])
+        if os.pwrite(fd, block, length - SEAL_BLOCK) != SEAL_BLOCK:
+            raise OSError(errno.EIO, "short write of the seal", str(path))
+        os.fdatasync(fd)
+    return size
 
 
 class SealError(Exception):
     """A spool file carries a seal that cannot be read (another version, damaged)."""
 
 
-def _read_seal(path: str) -> tuple[int, int, InstanceInfo] | None:
-    """``(size, crc32c, info)`` from a spool file's seal, ``None`` if it has none; raises
-    :class:`SealError` if it has one that cannot be read."""
+@dataclass(frozen=True)
+class _Seal:
+    size: int
+    crc: int
+    info: InstanceInfo
+    end: int | None
+    """Set for a seal in the data: where the bytes covered by ``crc`` end."""
+
+
+def _data_seal(path: str) -> bytes | None:
+    """The JSON of a seal in the file's last bytes, ``None`` if there is none."""
     try:
-        raw = os.getxattr(path, SEAL_XATTR)
+        with open(path, "rb") as f:
+            length = os.fstat(f.fileno()).st_size
+            if length < SEAL_BLOCK:
+                return None
+            f.seek(length - _SEAL_TRAILER.size)
+            magic, size, crc = _SEAL_TRAILER.unpack(f.read(_SEAL_TRAILER.size))
+            if magic != SEAL_MAGIC or size > SEAL_BLOCK - _SEAL_TRAILER.size:
+                return None
+            f.seek(length - SEAL_BLOCK)
+            raw = f.read(size)
     except OSError:
+        return None
+    if crc32c.crc32c(raw) != crc:
+        raise SealError("the seal at the end of the file fails its CRC-32C")
+    return raw
+
+
+def _read_seal(path: str) -> _Seal | None:
+    """The seal of a spool file (extended attribute, else in the data), ``None`` if it has
+    none; raises :class:`SealError` if it has one that cannot be read."""
+    try:
+        raw: bytes | None = os.getxattr(path, SEAL_XATTR)
+    except OSError:
+        raw = _data_seal(path)
+    if raw is None:
         return None
     try:
         record = json.loads(raw)
@@ -280,19 +419,26 @@ def _read_seal(path: str) -> tuple[int, int, InstanceInfo] | None:
             raise SealError(f"seal version {record.get('v')!r}, expected {SEAL_VERSION}")
         known = {f.name for f in fields(InstanceInfo)}
         info = InstanceInfo(**{k: v for k, v in record["info"].items() if k in known})
-        return int(record["size"]), int(record["crc32c"]), info
+        end = record.get("end")
+        return _Seal(int(record["size"]), int(record["crc32c"]), info,
+                     None if end is None else int(end))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise SealError(f"unreadable seal: {type(exc).__name__}: {exc}") from exc
 
 
-def _matches_seal(path: Path, size: int, crc: int) -> bool:
-    """Whether the file holds exactly the ``size`` bytes with CRC-32C ``crc`` it was sealed
-    with (a torn or truncated write does not)."""
+def _matches_seal(path: Path, seal: _Seal) -> bool:
+    """Whether the file holds the bytes it was sealed with (a torn or truncated write does
+    not): exactly ``size`` bytes with that CRC-32C (extended attribute), or (in the data) that
+    CRC-32C over the instance and a padding header whose length reaches the file's end."""
     try:
         data = path.read_bytes()
     except OSError:
         return False
-    return len(data) == size and crc32c.crc32c(data) == crc
+    if seal.end is None:
+        return len(data) == seal.size and crc32c.crc32c(data) == seal.crc
+    return (seal.size < seal.end <= len(data) - SEAL_BLOCK
+            and int.from_bytes(data[seal.end - 4:seal.end], "little") == len(data) - seal.end
+            and crc32c.crc32c(memoryview(data)[:seal.end]) == seal.crc)
 
 
 def xattrs_supported(directory: Path) -> bool:
@@ -321,9 +467,12 @@ class Spool:
     Thread-safe: the SCP's association threads call :meth:`store` and :meth:`quarantine`; the
     outbox thread reads and marks. File I/O runs outside the index lock. ``sealed=None``
     probes the file system (sealed mode where extended attributes work); tests force a mode.
+    ``pool_files`` pre-written files of ``pool_file_bytes`` each are kept ready (sealed mode;
+    0: empty pool files only); the agent sets them from its settings.
     """
 
-    def __init__(self, data_dir: Path, *, sealed: bool | None = None) -> None:
+    def __init__(self, data_dir: Path, *, sealed: bool | None = None, pool_files: int = 0,
+                 pool_file_bytes: int = POOL_FILE_BYTES) -> None:
         self.data_dir = Path(data_dir)
         self.root = self.data_dir / SPOOL_DIR
         self.quarantine_dir = self.data_dir / QUARANTINE_DIR
@@ -351,13 +500,23 @@ class Spool:
         if not self.sealed:
             logger.warning("spool: %s keeps no extended attributes; compatibility mode (file, "
                            "directory and index fsync'd for every instance: slower)", self.root)
+        self.pool_files = pool_files if self.sealed else 0
+        self.pool_file_bytes = pool_file_bytes
         self._lock = threading.Lock()
         self._pool_lock = threading.Lock()
-        self._pool: list[Path] = []
+        self._pool_wake = threading.Condition(self._pool_lock)
+        self._ready: list[Path] = []
+        """Pre-written pool files (``pool_file_bytes`` of zeros, fdatasync'd)."""
+        self._empty: list[Path] = []
+        self._last_store = 0.0
         self._refill_lock = threading.Lock()
-        self._refilling = False
         self._closed = False
         self._pool_dir = secrets.randbelow(FANOUT)
+        self._filler: threading.Thread | None = None
+        if self.sealed:
+            self._filler = threading.Thread(target=self._fill_pool, name="hust19-spool-pool",
+                                            daemon=True)
+            self._filler.start()
 
     # -- writing -------------------------------------------------------------------------
 
@@ -384,54 +543,79 @@ class Spool:
         return (self.root / digest[:2] /
                 f"{digest[:NAME_HASH_CHARS]}.{secrets.token_hex(4)}{SUFFIX}")
 
-    def _take_pool_file(self) -> Path:
-        """An empty spool file whose directory entry is already durable (sealed mode); starts
-        the next batch in the background when the pool runs low."""
+    def _take_pool_file(self, end: int | None) -> tuple[Path, int]:
+        """A pool file whose directory entry is already durable, and its pre-written size (0:
+        empty). A pre-written file is preferred where the instance, its padding header ending
+        at ``end``, fits it (:func:`fits_pool_file`); an empty one otherwise."""
         while True:
             with self._pool_lock:
-                if self._pool:
-                    path = self._pool.pop()
-                    ahead = (len(self._pool) < POOL_LOW_WATER and not self._refilling
-                             and not self._closed)
-                    self._refilling = self._refilling or ahead
-                    break
-            if not self._add_pool_batch(below=1):  # none left: the refill ahead fell behind
+                self._last_store = time.monotonic()
+                self._pool_wake.notify()
+                if end is not None and self._ready and fits_pool_file(end,
+                                                                       self.pool_file_bytes):
+                    return self._ready.pop(), self.pool_file_bytes
+                if self._empty:
+                    return self._empty.pop(), 0
+                if self._ready:
+                    return self._ready.pop(), self.pool_file_bytes
+            if not self._add_pool_batch(prewrite=False):  # the filler fell behind
                 raise OSError(errno.ESHUTDOWN, "the spool is closed", str(self.root))
-        if ahead:
-            threading.Thread(target=self._refill_ahead, name="hust19-spool-pool",
-                             daemon=True).start()
-        return path
 
-    def _refill_ahead(self) -> None:
-        try:
-            self._add_pool_batch(below=POOL_LOW_WATER)
-        except OSError as exc:
-            logger.warning("spool: cannot create empty spool files ahead of time in %s (%s); "
-                           "the next store tries again", self.root, exc)
-        finally:
+    def _pool_task(self) -> bool | None:
+        """What the filler does next (with the pool lock held): ``True`` pre-write a batch,
+        ``False`` add empty files, ``None`` wait."""
+        if len(self._ready) + len(self._empty) < POOL_LOW_WATER:
+            return False
+        receiving = time.monotonic() - self._last_store < RECEIVING_GAP_S
+        if len(self._ready) < self.pool_files and not receiving:
+            return True
+        return None
+
+    def _fill_pool(self) -> None:
+        """The filler thread: keeps the pool stocked until the spool closes."""
+        while True:
             with self._pool_lock:
-                self._refilling = False
+                task = self._pool_task()
+                while task is None and not self._closed:
+                    self._pool_wake.wait(RECEIVING_GAP_S)
+                    task = self._pool_task()
+                if self._closed or task is None:
+                    return
+            try:
+                self._add_pool_batch(prewrite=task)
+            except OSError as exc:
+                logger.warning("spool: cannot create spool files ahead of time in %s (%s); "
+                               "trying again in %.0f s", self.root, exc, POOL_RETRY_S)
+                with self._pool_lock:
+                    if not self._closed:
+                        self._pool_wake.wait(POOL_RETRY_S)
 
-    def _add_pool_batch(self, *, below: int) -> bool:
-        """Create ``POOL_BATCH`` empty files in the next fan-out directory and fsync that
-        directory once (one directory fsync for ``POOL_BATCH`` instances), unless the pool
-        already holds ``below`` files or more (another refill got there first). ``False`` when
-        the spool is closed."""
+    def _add_pool_batch(self, *, prewrite: bool) -> bool:
+        """Create up to ``POOL_BATCH`` pool files in the next fan-out directory (pre-written to
+        ``pool_file_bytes`` and fdatasync'd, or empty) and fsync that directory once.
+        ``False`` when the spool is closed."""
         with self._refill_lock:
             with self._pool_lock:
                 if self._closed:
                     return False
-                if len(self._pool) >= below:
-                    return True
+                count = (min(POOL_BATCH, self.pool_files - len(self._ready)) if prewrite
+                         else POOL_BATCH)
+            if count <= 0:
+                return True
             self._pool_dir = (self._pool_dir + 1) % FANOUT
             sub = self.root / f"{self._pool_dir:02x}"
+            zeros = memoryview(bytes(self.pool_file_bytes if prewrite else 0))
             created: list[Path] = []
             try:
-                for _ in range(POOL_BATCH):
+                for _ in range(count):
                     path = sub / f"{secrets.token_hex(POOL_NAME_BYTES)}{SUFFIX}"
-                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                     0o644))
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 0o644)
                     created.append(path)
+                    with _closed_or_removed(fd, path):
+                        if prewrite:
+                            write_all(fd, [zeros])
+                            os.fdatasync(fd)
                 fsync_dir(sub)
             except BaseException:
                 for path in created:
@@ -439,7 +623,7 @@ class Spool:
                         path.unlink()
                 raise
             with self._pool_lock:
-                self._pool.extend(created)
+                (self._ready if prewrite else self._empty).extend(created)
             return True
 
     @staticmethod
@@ -467,21 +651,31 @@ class Spool:
              info.patient_id, info.accession_number, info.modality))
         return True
 
-    def store(self, info: InstanceInfo, part10: Sequence[bytes | memoryview]) -> StoreOutcome:
+    def store(self, info: InstanceInfo, part10: Sequence[bytes | memoryview], *,
+              padding: Padding | None = None) -> StoreOutcome:
         """Write the Part-10 file (``part10`` buffers, concatenated) durably and index it.
 
-        Returns once the instance is durable (sealed file fsync'd, or in compatibility mode
-        file, directory and index fsync'd); the caller may then answer Success. A SOP
+        Returns once the instance is durable (sealed file flushed, or in compatibility mode
+        file, directory and index fsync'd); the caller may then answer Success. ``padding``:
+        how a Data Set Trailing Padding element would be encoded after this dataset, ``None``
+        if it must not be extended (the seal then goes into an extended attribute). A SOP
         Instance UID already stored is not written again (``DUPLICATE``). Raises
         :class:`SpoolError` if the disk or the index fails.
         """
         if self.contains(info.sop_instance_uid):
             return StoreOutcome.DUPLICATE
         path = self.root
+        size = sum(memoryview(p).nbytes for p in part10)
+        if size % 2:  # a padding element must start at an even offset
+            padding = None
         try:
             if self.sealed:
-                path = self._take_pool_file()
-                size = _write_sealed(path, part10, info)
+                path, capacity = self._take_pool_file(
+                    None if padding is None else size + padding.header_size)
+                if padding is None:
+                    size = _write_sealed(path, part10, info)
+                else:
+                    size = _write_padded(path, part10, info, padding, capacity)
             else:
                 path = self._new_path(info.sop_instance_uid)
                 size = _write_durable(path, part10)
@@ -545,9 +739,11 @@ class Spool:
         return out
 
     def read(self, instance: SpooledInstance) -> bytes:
-        """The Part-10 bytes of a spooled instance; :class:`SpoolError` if unreadable."""
+        """The Part-10 bytes of a spooled instance as received (without the padding that
+        carries a seal); :class:`SpoolError` if unreadable."""
         try:
-            data = instance.path.read_bytes()
+            with instance.path.open("rb") as f:
+                data = f.read(instance.size)
         except OSError as exc:
             raise SpoolError(f"cannot read spooled series {instance.series_uid} SOP instance "
                              f"{instance.sop_instance_uid} at {instance.path}: {exc}") from exc
@@ -676,7 +872,8 @@ class Spool:
         outcomes: dict[_Recovered, int] = dict.fromkeys(_Recovered, 0)
         with self._refill_lock:  # no batch half-created while the leftovers are looked for
             with self._pool_lock:  # pool files taken in this run are in use, not leftovers
-                known.update(str(p.relative_to(self.root)) for p in self._pool)
+                known.update(str(p.relative_to(self.root))
+                             for p in (*self._ready, *self._empty))
             for sub in sorted(self.root.iterdir()):
                 if not sub.is_dir():
                     continue
@@ -703,17 +900,17 @@ class Spool:
             return _Recovered.QUARANTINED
         if seal is None:
             try:
-                empty = path.stat().st_size == 0
+                unused = is_unused_pool_file(path)
             except OSError:
                 return _Recovered.GONE
-            if empty:
+            if unused:
                 with contextlib.suppress(OSError):
                     path.unlink()
                 return _Recovered.POOL
-        elif _matches_seal(path, seal[0], seal[1]):
-            size, _crc, info = seal
+        elif _matches_seal(path, seal):
+            info = seal.info
             with self._tx() as db:
-                inserted = self._index_locked(db, info, rel, size)
+                inserted = self._index_locked(db, info, rel, seal.size)
             if inserted:
                 logger.warning("spool: indexed %s again: series %s SOP instance %s (sealed, "
                                "index row lost)", path, info.series_uid, info.sop_instance_uid)
@@ -733,7 +930,11 @@ class Spool:
         """Remove the unused pool files and close the index (idempotent)."""
         with self._refill_lock, self._pool_lock:
             self._closed = True
-            pool, self._pool = self._pool, []
+            self._pool_wake.notify_all()
+            pool = [*self._ready, *self._empty]
+            self._ready, self._empty = [], []
+        if self._filler is not None and self._filler is not threading.current_thread():
+            self._filler.join()
         for path in pool:
             with contextlib.suppress(OSError):
                 path.unlink()

@@ -18,6 +18,7 @@ from pydicom.uid import (
 
 from agent import ingest
 from agent.element_scan import MAX_DEPTH, PIXEL_DATA, ScanError, scan
+from agent.spool import Padding
 from tests.fixtures.dicom import SAMPLE, dataset_offset
 
 
@@ -27,7 +28,7 @@ def _split(raw: bytes) -> tuple[bytes, bytes, str]:
     return raw[:offset], raw[offset:], str(dcmread(BytesIO(raw)).file_meta.TransferSyntaxUID)
 
 
-def _facts_both_ways(raw: bytes) -> tuple[object, object]:
+def _facts_both_ways(raw: bytes) -> tuple[ingest._Facts, ingest._Facts]:
     _head, dataset, ts = _split(raw)
     return ingest._facts_from_scan(memoryview(dataset), ts), ingest._facts_from_pydicom(raw, ts)
 
@@ -122,3 +123,31 @@ def test_what_the_walk_refuses_is_left_to_pydicom() -> None:
                                    sop_instance_uid=str(ds.SOPInstanceUID),
                                    transfer_syntax_uid=ts, calling_ae="SCU", received_at=0.0)
     assert checked.info.series_uid == ds.SeriesInstanceUID
+
+
+def _checked(raw: bytes) -> ingest.CheckedInstance:
+    head, dataset, ts = _split(raw)
+    ds = dcmread(BytesIO(raw))
+    return ingest.check_dataset(memoryview(dataset), file_meta=head,
+                                sop_class_uid=str(ds.SOPClassUID),
+                                sop_instance_uid=str(ds.SOPInstanceUID), transfer_syntax_uid=ts,
+                                calling_ae="SCU", received_at=0.0)
+
+
+@pytest.mark.parametrize(("syntax", "padding"), [
+    (ExplicitVRLittleEndian, Padding.EXPLICIT_VR), (ImplicitVRLittleEndian, Padding.IMPLICIT_VR),
+    (DeflatedExplicitVRLittleEndian, None)])
+def test_the_spool_may_close_a_dataset_with_padding_in_its_own_encoding(
+        syntax: str, padding: Padding | None) -> None:
+    assert _checked(_reencoded(sorted(SAMPLE.glob("*.dcm"))[0], syntax)).padding is padding
+
+
+def test_a_dataset_with_trailing_padding_of_its_own_is_not_padded_again(tmp_path: Path) -> None:
+    source = tmp_path / "padded.dcm"
+    ds = dcmread(sorted(SAMPLE.glob("*.dcm"))[0])
+    ds.add_new(0xFFFCFFFC, "OB", b"\0" * 6)
+    ds.save_as(source, enforce_file_format=True)
+    raw = source.read_bytes()
+    from_scan, from_pydicom = _facts_both_ways(raw)
+    assert from_scan == from_pydicom and from_scan.padded is True
+    assert _checked(raw).padding is None

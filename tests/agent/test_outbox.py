@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.bus import Bus, open_bus
-from agent.outbox import RECEIVING_GAP_S, YIELD_MAX_S, Outbox
-from agent.spool import InstanceInfo, Spool
+from agent.outbox import YIELD_MAX_S, Outbox
+from agent.spool import RECEIVING_GAP_S, InstanceInfo, Spool
 from schemas import topics
 from tests.fixtures.dicom import read_topic, stored_spool_files
 

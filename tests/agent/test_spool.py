@@ -33,7 +33,7 @@ def test_store_is_durable_indexed_and_deduplicated(tmp_path: Path) -> None:
     again = Spool(tmp_path)
     assert [p.sop_instance_uid for p in again.pending()] == ["1.2"]
     assert again.instance_count() == 2
-    assert len(list(again.root.glob("*/*.dcm"))) == 2
+    assert len(stored_spool_files(again)) == 2
     again.close()
 
 
