@@ -47,9 +47,8 @@ ROLE_INGEST: Final = "ingest"
 ROLE_WORKER: Final = "worker"
 ALL_ROLES: Final = frozenset({ROLE_INGEST, ROLE_WORKER})
 STOP_TIMEOUT_S: Final = 30.0
-SECONDS_PER_HOUR: Final = 3600.0
-KIB: Final = 1024
 """Default bound on :meth:`Agent.stop`."""
+SECONDS_PER_HOUR: Final = 3600.0
 READY_ECHO_TIMEOUT_S: Final = 5.0
 ASSOCIATION_GRACE_S: Final = 5.0
 """How long running associations may go on after stop() before they are aborted."""
@@ -104,7 +103,7 @@ class Agent:
         try:
             if ROLE_INGEST in self.roles:
                 self.spool = Spool(s.data_dir, pool_files=s.spool_pool_files,
-                                   pool_file_bytes=s.spool_pool_file_kib * KIB)
+                                   pool_file_bytes=s.spool_pool_file_bytes)
                 removed = self.spool.recover()
                 pending = self.spool.pending_count()
                 self.tracker = SeriesTracker(self.spool, s.series_quiet_s, s.series_max_quiet_s)

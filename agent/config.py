@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from schemas.errors import ConfigError
 
 ENV_PREFIX = "HUST19_"
+KIB = 1024
 
 
 class PacsDestination(BaseModel):
@@ -135,6 +136,11 @@ class Settings(BaseModel):
     def lis_url(self) -> str:
         """The LIS URL in force (the SQLite default resolved)."""
         return self.lis or f"sqlite:///{(self.data_dir / 'lis.sqlite').resolve()}"
+
+    @property
+    def spool_pool_file_bytes(self) -> int:
+        """The size of a pre-written spool file in bytes."""
+        return self.spool_pool_file_kib * KIB
 
     @property
     def engine_cache_dir(self) -> Path:

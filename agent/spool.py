@@ -561,13 +561,15 @@ class Spool:
             if not self._add_pool_batch(prewrite=False):  # the filler fell behind
                 raise OSError(errno.ESHUTDOWN, "the spool is closed", str(self.root))
 
+    def _receiving(self) -> bool:
+        return time.monotonic() - self._last_store < RECEIVING_GAP_S
+
     def _pool_task(self) -> bool | None:
         """What the filler does next (with the pool lock held): ``True`` pre-write a batch,
         ``False`` add empty files, ``None`` wait."""
         if len(self._ready) + len(self._empty) < POOL_LOW_WATER:
             return False
-        receiving = time.monotonic() - self._last_store < RECEIVING_GAP_S
-        if len(self._ready) < self.pool_files and not receiving:
+        if len(self._ready) < self.pool_files and not self._receiving():
             return True
         return None
 
@@ -577,7 +579,8 @@ class Spool:
             with self._pool_lock:
                 task = self._pool_task()
                 while task is None and not self._closed:
-                    self._pool_wake.wait(RECEIVING_GAP_S)
+                    # stocked: sleep until a store takes a file (it notifies) or a stream pauses
+                    self._pool_wake.wait(RECEIVING_GAP_S if self._receiving() else None)
                     task = self._pool_task()
                 if self._closed or task is None:
                     return

@@ -205,6 +205,7 @@ def test_pre_written_pool_files_left_by_a_crash_are_removed_quietly(tmp_path: Pa
     with spool._pool_lock:  # what a crash leaves behind (close() removes the pool)
         left = list(spool._ready)
         spool._ready.clear()
+        spool._pool_wake.notify()
     assert left and all(p.stat().st_size == CAPACITY for p in left)
     assert spool.recover() == 0  # not counted as interrupted stores
     assert not any(p.exists() for p in left)
