@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from io import BytesIO
@@ -22,6 +23,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from agent.spool import (
     POOL_BATCH,
     POOL_LOW_WATER,
+    RECEIVING_GAP_S,
     SEAL_BLOCK,
     SEAL_XATTR,
     InstanceInfo,
@@ -57,14 +59,16 @@ def _stocked(tmp_path: Path, pool_files: int = 4, capacity: int = CAPACITY) -> S
 
 
 def _count_syncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record every fsync / fdatasync / ftruncate of a regular file from now on."""
+    """Record every fsync / fdatasync / ftruncate of a regular file by this thread from now on
+    (not the pool thread's)."""
     calls: list[str] = []
+    me = threading.current_thread()
     for name in ("fsync", "fdatasync", "ftruncate"):
         real = getattr(os, name)
 
         def traced(fd: int, *args: int, _real: Callable[..., None] = real,
                    _name: str = name) -> None:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
+            if threading.current_thread() is me and stat.S_ISREG(os.fstat(fd).st_mode):
                 calls.append(_name)
             _real(fd, *args)
 
@@ -214,15 +218,23 @@ def test_pre_written_pool_files_left_by_a_crash_are_removed_quietly(tmp_path: Pa
     assert stored_spool_files(spool) == [] and not list(spool.root.glob("*/*.dcm"))
 
 
-def test_the_pool_is_pre_written_only_while_no_instance_arrives(tmp_path: Path) -> None:
+def test_the_pool_is_pre_written_only_while_no_instance_arrives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pool_files = POOL_BATCH + POOL_LOW_WATER
     spool = _stocked(tmp_path, pool_files=pool_files, capacity=16 * 1024)
-    seen: list[int] = []
-    for i in range(POOL_LOW_WATER):  # a stream: one instance every 50 ms
-        spool.store(_info(f"1.{i}"), [b"x" * 12_000], padding=Padding.EXPLICIT_VR)
+    batches: list[tuple[bool, float]] = []  # (pre-written, seconds since the last store)
+    real = spool._add_pool_batch
+
+    def traced(*, prewrite: bool) -> bool:
         with spool._pool_lock:
-            seen.append(len(spool._ready))
-        time.sleep(0.05)
-    assert seen == list(range(pool_files - 1, pool_files - 1 - POOL_LOW_WATER, -1))
+            batches.append((prewrite, time.monotonic() - spool._last_store))
+        return real(prewrite=prewrite)
+
+    monkeypatch.setattr(spool, "_add_pool_batch", traced)
+    for i in range(POOL_LOW_WATER):  # a stream: one instance every 20 ms
+        spool.store(_info(f"1.{i}"), [b"x" * 12_000], padding=Padding.EXPLICIT_VR)
+        time.sleep(0.02)
     wait_for(lambda: len(spool._ready) == pool_files, "the pool stocked after the stream")
+    assert batches and all(prewrite for prewrite, _ in batches)  # no empty files were needed
+    assert all(since >= RECEIVING_GAP_S for _, since in batches), batches
     spool.close()
