@@ -116,6 +116,8 @@ TRAILING_PADDING: Final = 0xFFFC
 """Group and element of Data Set Trailing Padding (FFFC,FFFC), PS3.6 Table 6-1."""
 _PADDING_EXPLICIT: Final = struct.Struct("<HH2s2xI")
 _PADDING_IMPLICIT: Final = struct.Struct("<HHI")
+_PADDING_LENGTH: Final = struct.Struct("<I")
+"""The value length that ends both padding headers."""
 SEAL_VERSION: Final = 1
 MAX_SEAL_BYTES: Final = 4000
 """A seal must fit one file-system block of extended attributes (4 KiB on ext4)."""
@@ -336,7 +338,7 @@ def _open_pool_file(path: Path) -> int:
         raise
 
 
-def _write_sealed(path: Path, parts: Sequence[bytes | memoryview], info: InstanceInfo) -> int:
+def _write_sealed(path: Path, parts: Sequence[bytes | memoryview], info: InstanceInfo) -> None:
     """Write ``parts`` into the pool file ``path``, seal it with an extended attribute and
     fsync it (one fsync: the directory entry is already durable). On failure the file is
     removed."""
@@ -347,15 +349,13 @@ def _write_sealed(path: Path, parts: Sequence[bytes | memoryview], info: Instanc
         total = write_all(fd, parts)
         os.setxattr(fd, SEAL_XATTR, _seal_bytes(info, total, _crc(parts)))
         os.fsync(fd)
-    return total
 
 
-def _write_padded(path: Path, parts: Sequence[bytes | memoryview], info: InstanceInfo,
-                  padding: Padding, capacity: int) -> int:
-    """Write ``parts`` into the pool file ``path`` (pre-written to ``capacity`` bytes, or
-    empty if 0), close the dataset with a trailing padding element whose last bytes are the
-    seal, and ``fdatasync``. On failure the file is removed."""
-    size = sum(memoryview(p).nbytes for p in parts)
+def _write_padded(path: Path, parts: Sequence[bytes | memoryview], size: int,
+                  info: InstanceInfo, padding: Padding, capacity: int) -> None:
+    """Write ``parts`` (``size`` bytes) into the pool file ``path`` (pre-written to
+    ``capacity`` bytes, or empty if 0), close the dataset with a trailing padding element
+    whose last bytes are the seal, and ``fdatasync``. On failure the file is removed."""
     end = size + padding.header_size
     length = capacity if fits_pool_file(end, capacity) else end + SEAL_BLOCK
     header = padding.header(length - end)
@@ -368,7 +368,6 @@ def _write_padded(path: Path, parts: Sequence[bytes | memoryview], info: Instanc
         if os.pwrite(fd, block, length - SEAL_BLOCK) != SEAL_BLOCK:
             raise OSError(errno.EIO, "short write of the seal", str(path))
         os.fdatasync(fd)
-    return size
 
 
 class SealError(Exception):
@@ -437,7 +436,8 @@ def _matches_seal(path: Path, seal: _Seal) -> bool:
     if seal.end is None:
         return len(data) == seal.size and crc32c.crc32c(data) == seal.crc
     return (seal.size < seal.end <= len(data) - SEAL_BLOCK
-            and int.from_bytes(data[seal.end - 4:seal.end], "little") == len(data) - seal.end
+            and _PADDING_LENGTH.unpack_from(data, seal.end - _PADDING_LENGTH.size)[0]
+            == len(data) - seal.end
             and crc32c.crc32c(memoryview(data)[:seal.end]) == seal.crc)
 
 
@@ -676,12 +676,12 @@ class Spool:
                 path, capacity = self._take_pool_file(
                     None if padding is None else size + padding.header_size)
                 if padding is None:
-                    size = _write_sealed(path, part10, info)
+                    _write_sealed(path, part10, info)
                 else:
-                    size = _write_padded(path, part10, info, padding, capacity)
+                    _write_padded(path, part10, size, info, padding, capacity)
             else:
                 path = self._new_path(info.sop_instance_uid)
-                size = _write_durable(path, part10)
+                _write_durable(path, part10)
         except OSError as exc:
             raise SpoolError(f"cannot write {path} (series {info.series_uid}, SOP instance "
                              f"{info.sop_instance_uid}): {exc}") from exc
