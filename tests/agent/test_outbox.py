@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ from agent.bus import Bus, open_bus
 from agent.outbox import YIELD_MAX_S, Outbox
 from agent.spool import RECEIVING_GAP_S, InstanceInfo, Spool
 from schemas import topics
-from tests.fixtures.dicom import read_topic, stored_spool_files
+from tests.fixtures.dicom import read_topic, stored_spool_files, wait_for
 
 WAIT_S = 20.0
 
@@ -39,21 +39,15 @@ def _running(tmp_path: Path, **kwargs: Any) -> Iterator[tuple[Spool, Bus, Outbox
         spool.close()
 
 
-def _wait_for(done: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not done() and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def test_published_files_are_deleted_after_the_retention(tmp_path: Path) -> None:
     payloads = {f"9.{i}": f"instance {i}".encode() * 100 for i in range(3)}
     with _running(tmp_path, retention_s=0.2) as (spool, bus, outbox):
         for sop, value in payloads.items():
             spool.store(_info(sop), [value])
         outbox.wake()
-        _wait_for(lambda: outbox.published == 3)
+        wait_for(lambda: outbox.published == 3, "3 instances published", WAIT_S)
         assert outbox.published == 3
-        _wait_for(lambda: outbox.pruned == 3)
+        wait_for(lambda: outbox.pruned == 3, "3 spool files pruned", WAIT_S)
         assert outbox.pruned == 3 and len(stored_spool_files(spool)) == 0
         # the bytes are on the bus, and the spool still knows the instances
         messages = read_topic(bus, topics.DICOM_INSTANCES, 3)
@@ -66,7 +60,7 @@ def test_retention_zero_keeps_every_file(tmp_path: Path) -> None:
     with _running(tmp_path) as (spool, _bus, outbox):
         spool.store(_info("8.1"), [b"kept"])
         outbox.wake()
-        _wait_for(lambda: outbox.published == 1)
+        wait_for(lambda: outbox.published == 1, "the instance published", WAIT_S)
         assert outbox.published == 1
         time.sleep(0.5)  # many idle passes of the thread
         assert outbox.pruned == 0 and len(stored_spool_files(spool)) == 1
@@ -90,7 +84,7 @@ def test_publishing_waits_for_a_stream_to_pause(tmp_path: Path) -> None:
         time.sleep(0.5)  # the thread's first pass (topics, nothing pending) is over
         last = _stream(spool, outbox, "7", 1.0)
         assert outbox.published == 0  # nothing published while the stream was arriving
-        _wait_for(lambda: spool.pending_count() == 0)
+        wait_for(lambda: spool.pending_count() == 0, "the stream published", WAIT_S)
         waited = time.monotonic() - last
         assert spool.pending_count() == 0 and waited < RECEIVING_GAP_S + 1.0
 
