@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from agent.bus import Bus, open_bus
 from agent.config import Settings
+from agent.durable import free_bytes
 from agent.http import HealthServer
 from agent.ingest import StorageSCP
 from agent.metrics import Metrics
@@ -105,6 +106,9 @@ class Agent:
                 self.spool = Spool(s.data_dir, pool_files=s.spool_pool_files,
                                    pool_file_bytes=s.spool_pool_file_bytes)
                 removed = self.spool.recover()
+                self.metrics.spool_bytes.set_function(self.spool.disk_bytes)
+                self.metrics.data_disk_free_bytes.set_function(
+                    partial(free_bytes, s.data_dir))
                 pending = self.spool.pending_count()
                 self.tracker = SeriesTracker(self.spool, s.series_quiet_s, s.series_max_quiet_s)
                 self.outbox = Outbox(self.spool, self.bus, self.tracker, self.metrics,

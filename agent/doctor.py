@@ -7,14 +7,14 @@ Each check returns a :class:`Finding`: ``ok``, ``warn`` (works, but worth knowin
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from agent.config import Settings
+from agent.durable import disk_bytes, existing_ancestor, free_bytes
+from agent.spool import QUARANTINE_DIR, SPOOL_DIR
 from engines import MODELS_DIR
 from schemas.errors import Hust19Error
 
@@ -173,13 +173,13 @@ def _pacs(settings: Settings) -> list[Finding]:
 
 
 def _disk(settings: Settings) -> Finding:
-    path = settings.data_dir
-    probe = path if path.exists() else next((p for p in path.resolve().parents if p.exists()),
-                                            Path("/"))
-    free = shutil.disk_usage(probe).free
+    probe = existing_ancestor(settings.data_dir)
+    free = free_bytes(probe)
+    used = disk_bytes(settings.data_dir / SPOOL_DIR, settings.data_dir / QUARANTINE_DIR)
     level: Level = "ok" if free >= MIN_FREE_SPOOL_BYTES else "fail"
     return Finding("spool disk", level, f"{free / 1024**3:.1f} GiB free at {probe} (need "
-                   f">= {MIN_FREE_SPOOL_BYTES / 1024**3:.0f} GiB for the spool)")
+                   f">= {MIN_FREE_SPOOL_BYTES / 1024**3:.0f} GiB for the spool); the spool "
+                   f"uses {used / 1024**2:.1f} MiB")
 
 
 def run_checks(settings: Settings) -> list[Finding]:

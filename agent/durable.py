@@ -1,14 +1,20 @@
 """Durable file writes: what "on disk" means wherever the agent promises it (spool, embedded
 bus, SR outbox). A write is durable when the file's data and the directory entry naming it
-have both been fsync'd."""
+have both been fsync'd. Also what those files cost: disk used under a folder, free space on
+its file system (metrics and ``hust19 doctor``)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
+
+ST_BLOCK_BYTES: Final = 512
+"""The unit of ``st_blocks`` (POSIX), whatever the file system's block size."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -53,3 +59,27 @@ def atomic_write(target: Path, data: bytes, tmp_dir: Path | None = None) -> None
             os.unlink(tmp_name)
         raise
     fsync_dir(target.parent)
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` if it exists, else its nearest existing parent: where a folder not made yet
+    will live (what disk it will be on)."""
+    return path if path.exists() else next(
+        (p for p in path.resolve().parents if p.exists()), Path("/"))
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds (or will hold) ``path``."""
+    return shutil.disk_usage(existing_ancestor(path)).free
+
+
+def disk_bytes(*roots: Path) -> int:
+    """Bytes the files under ``roots`` take on disk (allocated blocks, not apparent size:
+    pre-allocated and sparse files count for what they use); missing roots count 0."""
+    total = 0
+    for root in roots:
+        for folder, _dirs, files in os.walk(root):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):  # deleted while walking
+                    total += os.lstat(os.path.join(folder, name)).st_blocks * ST_BLOCK_BYTES
+    return total

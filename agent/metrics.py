@@ -36,6 +36,14 @@ class Metrics:
         self.spool_depth = Gauge(
             "hust19_spool_depth", "instances in the spool not yet published to the bus",
             registry=r)
+        self.spool_bytes = Gauge(
+            "hust19_spool_bytes",
+            "bytes the spool's files take on disk (pre-written pool and quarantine included)",
+            registry=r)
+        self.data_disk_free_bytes = Gauge(
+            "hust19_data_disk_free_bytes",
+            "free bytes on the file system of the data directory (spool, index, embedded bus)",
+            registry=r)
         self.outbox_depth = Gauge(
             "hust19_pacs_outbox_depth", "SR deliveries pending at PACS destinations", registry=r)
         self.consumer_lag = Gauge(

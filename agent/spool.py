@@ -74,7 +74,7 @@ from typing import Any, Final
 
 import crc32c
 
-from agent.durable import fsync_dir, write_all
+from agent.durable import disk_bytes, fsync_dir, write_all
 from schemas.errors import Hust19Error
 
 logger = logging.getLogger(__name__)
@@ -809,6 +809,11 @@ class Spool:
                 raise SpoolError(f"cannot update the spool index {self.index_path}: {exc}") \
                     from exc
         return len(deleted)
+
+    def disk_bytes(self) -> int:
+        """Bytes the spool's files take on disk: received instances, the pre-written pool
+        (``pool_files`` x ``pool_file_bytes`` when stocked) and the quarantine."""
+        return disk_bytes(self.root, self.quarantine_dir)
 
     def pending_count(self) -> int:
         """Instances not yet published (excluding those marked failed)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,7 +81,12 @@ def test_health_ready_and_metrics_during_an_end_to_end_run(
     report = json.loads(body)
     assert status == 200, report
     assert set(report) >= {"bus", "spool", "lis", f"pacs 127.0.0.1:{pacs_port}:PACS", "models"}
-    assert _metric(_get(base + "/metrics")[1], "hust19_spool_depth") == 0
+    text = _get(base + "/metrics")[1]
+    assert _metric(text, "hust19_spool_depth") == 0
+    # computed when scraped: the stocked pool at least, and the data folder's free space
+    assert _metric(text, "hust19_spool_bytes") >= agent.settings.spool_pool_file_bytes
+    free = shutil.disk_usage(agent.settings.data_dir).free
+    assert abs(_metric(text, "hust19_data_disk_free_bytes") - free) < 0.05 * free
 
 
 def test_readyz_names_an_unreachable_pacs(running_agent: Callable[..., Agent],
@@ -111,6 +117,7 @@ def test_doctor_on_a_working_setup(storescp: Callable[..., tuple[int, Path]],
     assert "[ ok ] model files" in out and "[ ok ] bus" in out and "[ ok ] lis" in out
     assert f"[ ok ] pacs 127.0.0.1:{pacs_port}:PACS: C-ECHO answered Success" in out
     assert "backend onnxruntime" in out  # no GPU here: said plainly
+    assert "the spool uses 0.0 MiB" in out  # a new data folder: nothing spooled yet
     assert "Everything needed is in place." in out
 
 

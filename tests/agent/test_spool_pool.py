@@ -218,6 +218,17 @@ def test_pre_written_pool_files_left_by_a_crash_are_removed_quietly(tmp_path: Pa
     assert stored_spool_files(spool) == [] and not list(spool.root.glob("*/*.dcm"))
 
 
+def test_disk_bytes_counts_the_stocked_pool_and_the_quarantine(tmp_path: Path) -> None:
+    spool = _stocked(tmp_path)
+    pool = 4 * CAPACITY
+    assert pool <= spool.disk_bytes() < pool + CAPACITY
+    (spool.quarantine_dir / "bad.dcm").write_bytes(b"\x01" * 10_000)
+    os.sync()
+    assert spool.disk_bytes() >= pool + 10_000
+    spool.close()
+    assert 10_000 <= spool.disk_bytes() < 10_000 + CAPACITY  # the pool is removed at close
+
+
 def test_the_pool_is_pre_written_only_while_no_instance_arrives(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pool_files = POOL_BATCH + POOL_LOW_WATER
