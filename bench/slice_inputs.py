@@ -14,7 +14,10 @@ UCSD COVID-CT signal survives each input?
 Each is resized to ``--size`` (area interpolation). Trained on the official train split only
 (COVID 191 / NonCOVID 234), scored once on the official val split (60 / 58) after the last
 epoch: pCT-score AUC, the measures at score >= 0.5 for every seed, and the AUC of the seeds'
-mean score. Nothing is chosen on the val split here: every run is listed. Networks:
+mean score. Nothing is chosen on the val split here: every run is listed. The same networks
+also score the slices of the labelled DICOM series in ``--series`` (lung window, then the same
+input step; never trained on): AUC of the COVID score for the radiologists' infection label,
+i.e. whether what was learned on figures carries over to the product's input. Networks:
 
 - ``bn-gap``: four blocks of two 3x3 conv + BatchNorm + ReLU (``--widths``) and a max-pool,
   global average pooling, dropout 0.3, 2 outputs (cheap enough for several seeds on 2 cores);
@@ -42,8 +45,15 @@ import numpy as np
 # benchmark) would otherwise shadow the engines package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines import lung, metrics, preprocess
-from engines.training.slice import DEFAULT_DATA, LABEL_PCT, public_sources
+from engines import lung, metrics
+from engines.training.slice import (
+    DEFAULT_DATA,
+    LABEL_PCT,
+    SliceSource,
+    load_u8,
+    public_sources,
+    series_sources,
+)
 
 INPUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "lung": lambda image: lung.extract(image).crop,
@@ -61,10 +71,11 @@ WARMUP_FRACTION = 0.15
 EVAL_BATCH = 64
 
 
-def load_split(data: Path, split: str, kind: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (N, 1, size, size) images of one official split and their 0/1 COVID labels."""
-    sources = public_sources(data, split)
-    images = np.stack([cv2.resize(INPUTS[kind](preprocess.load_image_u8(s.path)), (size, size),
+def prepare(sources: list[SliceSource], kind: str,
+            size: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, 1, size, size) network inputs and 0/1 pCT labels (COVID figure, or a series
+    slice the radiologists marked infected)."""
+    images = np.stack([cv2.resize(INPUTS[kind](load_u8(s)), (size, size),
                                   interpolation=cv2.INTER_AREA) for s in sources])
     labels = np.array([s.source_label == LABEL_PCT for s in sources], np.int64)
     return images[:, None], labels
@@ -119,8 +130,9 @@ def augment(x: Any, gen: Any) -> Any:
 
 
 def train_and_score(args: argparse.Namespace, kind: str, seed: int,
-                    train: tuple[np.ndarray, np.ndarray], val_x: np.ndarray) -> np.ndarray:
-    """Train one network from scratch; return its COVID score on ``val_x``."""
+                    train: tuple[np.ndarray, np.ndarray],
+                    scored: list[np.ndarray]) -> list[np.ndarray]:
+    """Train one network from scratch; return its COVID score on each of ``scored``."""
     import torch
     import torch.nn.functional as functional
 
@@ -152,12 +164,16 @@ def train_and_score(args: argparse.Namespace, kind: str, seed: int,
         print(f"{kind} seed {seed}: epoch {epoch + 1}/{args.epochs} loss "
               f"{total / len(y_train):.4f}", file=sys.stderr, flush=True)  # progress
     net.eval()
-    scores = []
+    out = []
     with torch.no_grad():
-        for start in range(0, len(val_x), EVAL_BATCH):
-            batch = torch.from_numpy(val_x[start:start + EVAL_BATCH].astype(np.float32) / 255.0)
-            scores.append(torch.softmax(net(batch), dim=1)[:, 1].numpy())
-    return np.concatenate(scores)
+        for images in scored:
+            scores = []
+            for start in range(0, len(images), EVAL_BATCH):
+                batch = torch.from_numpy(images[start:start + EVAL_BATCH].astype(np.float32)
+                                         / 255.0)
+                scores.append(torch.softmax(net(batch), dim=1)[:, 1].numpy())
+            out.append(np.concatenate(scores))
+    return out
 
 
 def main() -> int:
@@ -165,6 +181,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--inputs", default="lung,square,whole")
     parser.add_argument("--seeds", default="1,2,3,4,5")
+    parser.add_argument("--series", default="P002,cap002",
+                        help="labelled DICOM series scored after training ('' for none)")
     parser.add_argument("--arch", choices=("bn-gap", "paper-bn"), default="bn-gap")
     parser.add_argument("--widths", default="16,32,64,128",
                         help="conv widths per block (paper-bn: 64,32,16)")
@@ -179,22 +197,31 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
+    series = [s for s in args.series.split(",") if s]
     results: dict[str, Any] = {}
     for kind in args.inputs.split(","):
         if kind not in INPUTS:
             parser.error(f"--inputs: unknown input {kind!r} (choose from {', '.join(INPUTS)})")
-        train = load_split(args.data, "train", kind, args.size)
-        val_x, val_y = load_split(args.data, "val", kind, args.size)
+        train = prepare(public_sources(args.data, "train"), kind, args.size)
+        val_x, val_y = prepare(public_sources(args.data, "val"), kind, args.size)
+        held = {name: prepare(series_sources(args.data, name), kind, args.size)
+                for name in series}
         runs: list[dict[str, Any]] = []
         scores: list[np.ndarray] = []
         for seed in seeds:
             started = time.monotonic()
-            score = train_and_score(args, kind, seed, train, val_x)
+            score, *series_scores = train_and_score(
+                args, kind, seed, train, [val_x, *(x for x, _ in held.values())])
             scores.append(score)
             runs.append({"seed": seed, "minutes": round((time.monotonic() - started) / 60, 2),
-                         "val": metrics.binary_measures(val_y, score)})
+                         "val": metrics.binary_measures(val_y, score),
+                         "series_auc": {name: metrics.roc_auc(y, sc) for (name, (_, y)), sc
+                                        in zip(held.items(), series_scores, strict=True)}})
         aucs = [r["val"]["auc"] for r in runs]
         results[kind] = {"runs": runs, "auc_mean": float(np.mean(aucs)),
+                         "series_auc_mean": {name: float(np.mean([r["series_auc"][name]
+                                                                  for r in runs]))
+                                             for name in series},
                          "auc_min": min(aucs), "auc_max": max(aucs),
                          "seed_mean_score": metrics.binary_measures(val_y,
                                                                     np.mean(scores, axis=0))}
@@ -204,7 +231,8 @@ def main() -> int:
                       "val": "covid-ct official val split (118)", "arch": args.arch,
                       "widths": args.widths, "size": args.size, "epochs": args.epochs,
                       "batch_size": args.batch_size, "lr": args.lr,
-                      "weight_decay": args.weight_decay, "seeds": seeds, "inputs": results},
+                      "weight_decay": args.weight_decay, "seeds": seeds,
+                      "series": series, "inputs": results},
                      indent=2))
     return 0
 
