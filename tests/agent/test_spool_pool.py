@@ -6,11 +6,9 @@ extended attributes."""
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from agent.spool import (
     xattrs_supported,
 )
 from tests.fixtures.dicom import SAMPLE, dataset_offset, dcmtk, stored_spool_files, wait_for
+from tests.fixtures.syncs import SyncLog, record_syncs
 
 SERIES = "1.2.3.4"
 CAPACITY = 64 * 1024
@@ -58,22 +57,11 @@ def _stocked(tmp_path: Path, pool_files: int = 4, capacity: int = CAPACITY) -> S
     return spool
 
 
-def _count_syncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record every fsync / fdatasync / ftruncate of a regular file by this thread from now on
-    (not the pool thread's)."""
-    calls: list[str] = []
-    me = threading.current_thread()
-    for name in ("fsync", "fdatasync", "ftruncate"):
-        real = getattr(os, name)
-
-        def traced(fd: int, *args: int, _real: Callable[..., None] = real,
-                   _name: str = name) -> None:
-            if threading.current_thread() is me and stat.S_ISREG(os.fstat(fd).st_mode):
-                calls.append(_name)
-            _real(fd, *args)
-
-        monkeypatch.setattr(os, name, traced)
-    return calls
+def _count_syncs(monkeypatch: pytest.MonkeyPatch) -> SyncLog:
+    """Every fsync / fdatasync / ftruncate this thread makes from now on (not the pool
+    thread's); the stores' own are ``.of("file")``."""
+    return record_syncs(monkeypatch, ("fsync", "fdatasync", "ftruncate"),
+                        thread=threading.current_thread())
 
 
 def _sample() -> tuple[bytes, bytes]:
@@ -89,7 +77,7 @@ def test_a_pre_written_file_takes_an_instance_with_one_fdatasync(
     calls = _count_syncs(monkeypatch)
     parts = [b"h" * 132, os.urandom(40_000)]
     assert spool.store(_info("1.1"), parts, padding=Padding.EXPLICIT_VR) is StoreOutcome.STORED
-    assert calls == ["fdatasync"]  # no truncate, no fsync: only data blocks change
+    assert calls.of("file") == ["fdatasync"]  # no truncate, no fsync: only data blocks change
     (row,) = spool.pending()
     assert row.size == 40_132 and row.path.stat().st_size == CAPACITY
     assert spool.read(row) == b"".join(parts)  # the instance as received, not the padding
@@ -107,7 +95,8 @@ def test_instances_that_do_not_fit_get_a_file_of_their_own_size(
     assert not fits_pool_file(len(small[0]) + 12, CAPACITY)
     spool.store(_info("1.1"), big, padding=Padding.EXPLICIT_VR)
     spool.store(_info("1.2"), small, padding=Padding.IMPLICIT_VR)
-    assert calls.count("fdatasync") == 2 and "fsync" not in calls  # size changes, data flush
+    files = calls.of("file")
+    assert files.count("fdatasync") == 2 and "fsync" not in files  # size changes, data flush
     sizes = {r.sop_instance_uid: (r.size, r.path.stat().st_size) for r in spool.pending()}
     assert sizes == {"1.1": (CAPACITY - 10, CAPACITY - 10 + 12 + SEAL_BLOCK),
                      "1.2": (100, 100 + 8 + SEAL_BLOCK)}
@@ -120,7 +109,8 @@ def test_datasets_that_must_not_grow_are_sealed_with_an_extended_attribute(
     calls = _count_syncs(monkeypatch)
     spool.store(_info("1.1"), [b"deflated"], padding=None)
     spool.store(_info("1.2"), [b"odd length"[:9]], padding=Padding.EXPLICIT_VR)
-    assert calls.count("fsync") == 2 and "fdatasync" not in calls
+    files = calls.of("file")
+    assert files.count("fsync") == 2 and "fdatasync" not in files
     for row in spool.pending():
         assert row.path.stat().st_size == row.size
         assert os.getxattr(row.path, SEAL_XATTR)

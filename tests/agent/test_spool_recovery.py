@@ -5,7 +5,6 @@ attributes here; seals in the data and the pre-written pool in ``test_spool_pool
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from agent.spool import (
 )
 from schemas import topics
 from tests.fixtures.dicom import read_topic, stored_spool_files, wait_for
+from tests.fixtures.syncs import record_syncs
 
 SERIES = "1.2.3.4"
 
@@ -48,19 +48,6 @@ def _lose_index(data_dir: Path) -> None:
         (data_dir / name).unlink(missing_ok=True)
 
 
-def _count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record every ``os.fsync`` from now on as "file" or "dir"."""
-    calls: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        calls.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return calls
-
-
 def _files(spool: Spool) -> int:
     return len(list(spool.root.glob("*/*.dcm")))
 
@@ -70,7 +57,7 @@ def test_store_is_one_fsync_of_a_sealed_file(tmp_path: Path,
     spool = Spool(tmp_path)
     assert spool.sealed
     wait_for(lambda: _files(spool) == POOL_BATCH, "the first pool batch")  # made at open
-    calls = _count_fsyncs(monkeypatch)
+    calls = record_syncs(monkeypatch)
     first = POOL_BATCH - POOL_LOW_WATER + 1  # taking the last of these leaves the pool low
     for i in range(first):
         assert spool.store(_info(f"1.{i}"), [b"head", b"body%d" % i]) is StoreOutcome.STORED
@@ -79,7 +66,8 @@ def test_store_is_one_fsync_of_a_sealed_file(tmp_path: Path,
     for i in range(first, POOL_BATCH + 1):
         assert spool.store(_info(f"1.{i}"), [b"head", b"body%d" % i]) is StoreOutcome.STORED
     # one file fsync per instance; one directory fsync per pool batch
-    assert calls.count("file") == POOL_BATCH + 1 and calls.count("dir") == 1
+    kinds = calls.kinds()
+    assert kinds.count("file") == POOL_BATCH + 1 and kinds.count("dir") == 1
     (path,) = [p for p in stored_spool_files(spool) if p.read_bytes() == b"headbody0"]
     assert b'"sop_instance_uid":"1.0"' in os.getxattr(path, SEAL_XATTR)
     spool.close()
@@ -187,12 +175,12 @@ def test_an_unreadable_seal_is_quarantined_never_deleted(tmp_path: Path) -> None
 
 def test_compatibility_mode_keeps_the_index_as_the_durable_record(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = _count_fsyncs(monkeypatch)
+    calls = record_syncs(monkeypatch)
     spool = Spool(tmp_path, sealed=False)
     assert spool._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
     calls.clear()
     spool.store(_info("1.1"), [b"kept"])
-    assert calls == ["file", "dir"]  # and the index commit (synchronous=FULL) fsyncs too
+    assert calls.kinds() == ["file", "dir"]  # and the index commit (synchronous=FULL) fsyncs too
     (row,) = spool.pending()
     with pytest.raises(OSError):
         os.getxattr(row.path, SEAL_XATTR)
