@@ -69,6 +69,9 @@ MAX_LOG_GAMMA = 0.3
 LABEL_SMOOTHING = 0.1
 WARMUP_FRACTION = 0.15
 EVAL_BATCH = 64
+GAP_DROPOUT = 0.3
+PAPER_DROPOUT = 0.5
+PAPER_DENSE = (64, 32)
 
 
 def prepare(sources: list[SliceSource], kind: str,
@@ -95,12 +98,13 @@ def build_net(arch: str, size: int, widths: list[int]) -> Any:
         layers += [*conv(cin, width), *conv(width, width), nn.MaxPool2d(2)]
         cin = width
     if arch == "bn-gap":
-        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3),
-                             nn.Linear(cin, 2))
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Dropout(GAP_DROPOUT), nn.Linear(cin, 2))
     side = size // 2 ** len(widths)
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * side * side, 64),
-                         nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(64, 32),
-                         nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(32, 2))
+    first, second = PAPER_DENSE
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * side * side, first),
+                         nn.ReLU(inplace=True), nn.Dropout(PAPER_DROPOUT), nn.Linear(first, second),
+                         nn.ReLU(inplace=True), nn.Dropout(PAPER_DROPOUT), nn.Linear(second, 2))
 
 
 def augment(x: Any, gen: Any) -> Any:
@@ -198,10 +202,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     series = [s for s in args.series.split(",") if s]
-    results: dict[str, Any] = {}
-    for kind in args.inputs.split(","):
+    kinds = args.inputs.split(",")
+    for kind in kinds:
         if kind not in INPUTS:
             parser.error(f"--inputs: unknown input {kind!r} (choose from {', '.join(INPUTS)})")
+    results: dict[str, Any] = {}
+    for kind in kinds:
         train = prepare(public_sources(args.data, "train"), kind, args.size)
         val_x, val_y = prepare(public_sources(args.data, "val"), kind, args.size)
         held = {name: prepare(series_sources(args.data, name), kind, args.size)
