@@ -34,7 +34,7 @@ from agent.ingest import StorageSCP
 from agent.metrics import Metrics
 from agent.outbox import Outbox
 from agent.series import SeriesTracker
-from agent.spool import InstanceInfo, Spool, SpoolError, StoreOutcome
+from agent.spool import InstanceInfo, Spool, SpoolError, StoreOutcome, spool_disk_bytes
 from schemas.errors import EngineError
 
 if TYPE_CHECKING:
@@ -101,14 +101,14 @@ class Agent:
     def start(self) -> None:
         """Start every component; on failure stop what was started and re-raise."""
         s = self.settings
+        # every role: a worker-only process on the box reports the same data folder
+        self.metrics.spool_bytes.set_function(partial(spool_disk_bytes, s.data_dir))
+        self.metrics.data_disk_free_bytes.set_function(partial(free_bytes, s.data_dir))
         try:
             if ROLE_INGEST in self.roles:
                 self.spool = Spool(s.data_dir, pool_files=s.spool_pool_files,
                                    pool_file_bytes=s.spool_pool_file_bytes)
                 removed = self.spool.recover()
-                self.metrics.spool_bytes.set_function(self.spool.disk_bytes)
-                self.metrics.data_disk_free_bytes.set_function(
-                    partial(free_bytes, s.data_dir))
                 pending = self.spool.pending_count()
                 self.tracker = SeriesTracker(self.spool, s.series_quiet_s, s.series_max_quiet_s)
                 self.outbox = Outbox(self.spool, self.bus, self.tracker, self.metrics,

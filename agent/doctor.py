@@ -13,8 +13,8 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Literal
 
 from agent.config import Settings
-from agent.durable import disk_bytes, existing_ancestor, free_bytes
-from agent.spool import QUARANTINE_DIR, SPOOL_DIR
+from agent.durable import existing_ancestor, free_bytes
+from agent.spool import spool_disk_bytes
 from engines import MODELS_DIR
 from schemas.errors import Hust19Error
 
@@ -175,7 +175,7 @@ def _pacs(settings: Settings) -> list[Finding]:
 def _disk(settings: Settings) -> Finding:
     probe = existing_ancestor(settings.data_dir)
     free = free_bytes(probe)
-    used = disk_bytes(settings.data_dir / SPOOL_DIR, settings.data_dir / QUARANTINE_DIR)
+    used = spool_disk_bytes(settings.data_dir)
     level: Level = "ok" if free >= MIN_FREE_SPOOL_BYTES else "fail"
     return Finding("spool disk", level, f"{free / 1024**3:.1f} GiB free at {probe} (need "
                    f">= {MIN_FREE_SPOOL_BYTES / 1024**3:.0f} GiB for the spool); the spool "

@@ -168,6 +168,13 @@ PRUNE_BATCH: Final = 256
 between its publishing passes, so deleting never holds publishing back for long)."""
 
 
+def spool_disk_bytes(data_dir: Path) -> int:
+    """Bytes the spool under ``data_dir`` takes on disk: received instances, the pre-written
+    pool (``pool_files`` x ``pool_file_bytes`` when stocked) and the quarantine. Reads only
+    the folders, so any process on the box can report it (metrics, ``hust19 doctor``)."""
+    return disk_bytes(data_dir / SPOOL_DIR, data_dir / QUARANTINE_DIR)
+
+
 class SpoolError(Hust19Error):
     """The spool could not store or read an instance (disk full, permissions, corrupt index)."""
 
@@ -809,11 +816,6 @@ class Spool:
                 raise SpoolError(f"cannot update the spool index {self.index_path}: {exc}") \
                     from exc
         return len(deleted)
-
-    def disk_bytes(self) -> int:
-        """Bytes the spool's files take on disk: received instances, the pre-written pool
-        (``pool_files`` x ``pool_file_bytes`` when stocked) and the quarantine."""
-        return disk_bytes(self.root, self.quarantine_dir)
 
     def pending_count(self) -> int:
         """Instances not yet published (excluding those marked failed)."""

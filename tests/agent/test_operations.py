@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.app import ALL_ROLES, Agent
+from agent.app import ALL_ROLES, ROLE_WORKER, Agent
 from schemas import topics
 from tests.fixtures.dicom import SAMPLE, dcmtk, free_port, read_topic, run_storescu
 
@@ -87,6 +87,17 @@ def test_health_ready_and_metrics_during_an_end_to_end_run(
     assert _metric(text, "hust19_spool_bytes") >= agent.settings.spool_pool_file_bytes
     free = shutil.disk_usage(agent.settings.data_dir).free
     assert abs(_metric(text, "hust19_data_disk_free_bytes") - free) < 0.05 * free
+
+
+def test_a_worker_only_process_reports_the_data_folder_too(
+        running_agent: Callable[..., Agent], tmp_path: Path) -> None:
+    http = free_port()
+    agent = running_agent(roles=frozenset({ROLE_WORKER}), http_port=http,
+                          lis=f"sqlite:///{tmp_path / 'lis.sqlite'}")
+    text = _get(f"http://127.0.0.1:{http}/metrics")[1]
+    free = shutil.disk_usage(agent.settings.data_dir).free
+    assert abs(_metric(text, "hust19_data_disk_free_bytes") - free) < 0.05 * free
+    assert _metric(text, "hust19_spool_bytes") == 0  # no ingest ever spooled in this folder
 
 
 def test_readyz_names_an_unreachable_pacs(running_agent: Callable[..., Agent],

@@ -29,6 +29,7 @@ from agent.spool import (
     Spool,
     StoreOutcome,
     fits_pool_file,
+    spool_disk_bytes,
     xattrs_supported,
 )
 from tests.fixtures.dicom import SAMPLE, dataset_offset, dcmtk, stored_spool_files, wait_for
@@ -211,12 +212,13 @@ def test_pre_written_pool_files_left_by_a_crash_are_removed_quietly(tmp_path: Pa
 def test_disk_bytes_counts_the_stocked_pool_and_the_quarantine(tmp_path: Path) -> None:
     spool = _stocked(tmp_path)
     pool = 4 * CAPACITY
-    assert pool <= spool.disk_bytes() < pool + CAPACITY
+    assert pool <= spool_disk_bytes(tmp_path) < pool + CAPACITY
     (spool.quarantine_dir / "bad.dcm").write_bytes(b"\x01" * 10_000)
     os.sync()
-    assert spool.disk_bytes() >= pool + 10_000
+    assert spool_disk_bytes(tmp_path) >= pool + 10_000
     spool.close()
-    assert 10_000 <= spool.disk_bytes() < 10_000 + CAPACITY  # the pool is removed at close
+    # the pool is removed at close
+    assert 10_000 <= spool_disk_bytes(tmp_path) < 10_000 + CAPACITY
 
 
 def test_the_pool_is_pre_written_only_while_no_instance_arrives(
