@@ -11,21 +11,27 @@ UCSD COVID-CT signal survives each input?
   nothing masked;
 - ``whole``: the whole figure.
 
-Each is resized to ``--size`` (area interpolation). Trained on the official train split only
-(COVID 191 / NonCOVID 234), scored once on the official val split (60 / 58) after the last
-epoch: pCT-score AUC, the measures at score >= 0.5 for every seed, and the AUC of the seeds'
-mean score. Nothing is chosen on the val split here: every run is listed. The same networks
-also score the slices of the labelled DICOM series in ``--series`` (lung window, then the same
-input step; never trained on): AUC of the COVID score for the radiologists' infection label,
-i.e. whether what was learned on figures carries over to the product's input. Networks:
+Each is resized to ``--size`` (area interpolation). Trained on the official train split
+(COVID 191 / NonCOVID 234; see "Training data" below), scored once on the official val split
+(60 / 58) after the last epoch: pCT-score AUC, the measures at score >= 0.5 for every seed,
+and the AUC of the seeds' mean score. Nothing is chosen on the val split here: every run is
+listed. The same networks also score the slices of the labelled DICOM series in ``--series``
+(lung window, then the same input step; never trained on): AUC of the COVID score for the
+radiologists' infection label, i.e. whether what was learned carries over to the product's
+input. Networks:
 
 - ``bn-gap``: four blocks of two 3x3 conv + BatchNorm + ReLU (``--widths``) and a max-pool,
   global average pooling, dropout 0.3, 2 outputs (cheap enough for several seeds on 2 cores);
 - ``paper-bn``: the paper's 13-layer shape (64,64 / 32,32 / 16,16, dense 64 -> 32, dropout
   0.5) with BatchNorm after each convolution, 2 outputs.
 
+Training data: by default the public train split only; ``--train-series P002,normal001`` adds
+those series' slices (infection label 1 -> COVID/pCT, normal001 -> not), ``--public none``
+leaves the figures out. A series trained on cannot also be scored.
+
     .venv/bin/python bench/slice_inputs.py [--inputs lung,square,whole] [--seeds 1,2,3,4,5]
-        [--arch bn-gap|paper-bn] [--size 96] [--epochs 40]
+        [--arch bn-gap|paper-bn] [--size 96] [--epochs 40] [--train-series P002,normal001]
+        [--public train|none]
 """
 
 from __future__ import annotations
@@ -187,6 +193,10 @@ def main() -> int:
     parser.add_argument("--seeds", default="1,2,3,4,5")
     parser.add_argument("--series", default="P002,cap002",
                         help="labelled DICOM series scored after training ('' for none)")
+    parser.add_argument("--train-series", default="",
+                        help="labelled DICOM series added to the training data")
+    parser.add_argument("--public", choices=("train", "none"), default="train",
+                        help="train on the UCSD official train split (default) or not")
     parser.add_argument("--arch", choices=("bn-gap", "paper-bn"), default="bn-gap")
     parser.add_argument("--widths", default="16,32,64,128",
                         help="conv widths per block (paper-bn: 64,32,16)")
@@ -203,12 +213,20 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     series = [s for s in args.series.split(",") if s]
     kinds = args.inputs.split(",")
+    train_series = [s for s in args.train_series.split(",") if s]
+    if set(train_series) & set(series):
+        parser.error(f"--series: {', '.join(set(train_series) & set(series))} is also trained on")
+    if not train_series and args.public == "none":
+        parser.error("--public none needs --train-series")
+    train_sources = public_sources(args.data, "train") if args.public == "train" else []
+    for name in train_series:
+        train_sources += series_sources(args.data, name)
     for kind in kinds:
         if kind not in INPUTS:
             parser.error(f"--inputs: unknown input {kind!r} (choose from {', '.join(INPUTS)})")
     results: dict[str, Any] = {}
     for kind in kinds:
-        train = prepare(public_sources(args.data, "train"), kind, args.size)
+        train = prepare(train_sources, kind, args.size)
         val_x, val_y = prepare(public_sources(args.data, "val"), kind, args.size)
         held = {name: prepare(series_sources(args.data, name), kind, args.size)
                 for name in series}
@@ -233,7 +251,9 @@ def main() -> int:
                                                                     np.mean(scores, axis=0))}
         print(json.dumps({kind: {k: v for k, v in results[kind].items() if k != "runs"}}),
               file=sys.stderr, flush=True)
-    print(json.dumps({"train": "covid-ct official train split (425)",
+    train_text = (["covid-ct official train split (425)"] if args.public == "train" else []) + [
+        f"series {name}" for name in train_series]
+    print(json.dumps({"train": " + ".join(train_text), "n_train": len(train_sources),
                       "val": "covid-ct official val split (118)", "arch": args.arch,
                       "widths": args.widths, "size": args.size, "epochs": args.epochs,
                       "batch_size": args.batch_size, "lr": args.lr,

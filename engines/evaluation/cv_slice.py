@@ -20,6 +20,8 @@ from typing import Any, Final
 
 import numpy as np
 
+from schemas.errors import InputError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_FOLDS: Final = 10
@@ -29,7 +31,7 @@ DEFAULT_EPOCHS: Final = 16
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Flags of ``hust19 evaluate cv slice``."""
-    from engines.training.slice import DEFAULT_DATA, DEFAULT_TRAIN_SERIES
+    from engines.training.slice import DEFAULT_DATA, PUBLIC_TRAIN, add_data_flags
 
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--folds", type=int, default=DEFAULT_FOLDS)
@@ -37,7 +39,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=19)
-    parser.add_argument("--series", nargs="*", default=list(DEFAULT_TRAIN_SERIES))
+    # folds are grouped by source paper / series: the public slices supply the groups
+    add_data_flags(parser, public=PUBLIC_TRAIN)
     parser.add_argument("--limit", type=int, default=0,
                         help="keep at most N slices per source and label (feasibility)")
     parser.add_argument("--cache", type=Path, default=Path("runs/slice"),
@@ -61,8 +64,12 @@ def run_cv(args: argparse.Namespace) -> dict[str, Any]:
         training_sources,
     )
 
-    sources = training_sources(args.data, tuple(args.series), args.limit)
+    sources = training_sources(args.data, tuple(args.series), args.limit, args.public)
     cache = args.cache / f"cache-{preprocessing_hash()}-{len(sources)}.npz"
+    n_groups = len({s.group for s in sources})
+    if n_groups < args.folds:
+        raise InputError(f"--folds {args.folds}: the training pool has only {n_groups} "
+                         "group(s) (source papers / series); add --public train or lower --folds")
     pool = preprocess_sources(sources, cache, progress=not args.no_progress)
     classes = tuple(CLASS_INDEX)
     runs: list[dict[str, Any]] = []
@@ -91,6 +98,7 @@ def run_cv(args: argparse.Namespace) -> dict[str, Any]:
                                       for r in runs])
     return {"protocol": {"folds": args.folds, "repeats": args.repeats, "epochs": args.epochs,
                          "limit": args.limit, "series": list(args.series),
+                         "public": args.public,
                          "n_slices": len(pool.labels), "class_counts": pool.counts(),
                          "grouping": "source paper / series (StratifiedGroupKFold)"},
             "summary": summary, "folds": runs}

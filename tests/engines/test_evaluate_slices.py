@@ -99,3 +99,16 @@ def test_cv_slice_runs_every_fold_and_summarises(tmp_path: Path, shared_data: Pa
         assert set(summary[key]) >= {"mean", "std", "min", "max"}
     folds = json.loads(out.read_text())["folds"]
     assert [(f["repeat"], f["fold"]) for f in folds] == [(0, 0), (0, 1)]
+
+
+def test_cv_slice_with_too_few_groups_is_a_clear_error(tmp_path: Path, shared_data: Path) -> None:
+    """Series only (``--public none``) gives two groups: 10 grouped folds cannot be made, and the
+    user is told so (exit 2, the flags named, no traceback) before any training."""
+    proc = subprocess.run([*HUST19, "evaluate", "cv", "slice", "--data", str(shared_data),
+                           "--public", "none", "--cache", str(tmp_path),
+                           "--no-progress"], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "only 2 group(s)" in proc.stderr and "--public train" in proc.stderr
+    assert not list(tmp_path.iterdir())  # stopped before pre-processing anything

@@ -105,6 +105,8 @@ def test_train_slice_cli_tiny_run_exports_and_resumes(tmp_path: Path, shared_dat
     assert first.returncode == 0, first.stderr
     meta = json.loads((tmp_path / "slice.json").read_text())
     assert meta["classes"] == ["NiCT", "pCT", "nCT"]
+    assert meta["training"]["public"] == "none"
+    assert meta["training"]["sources"] == "series P002,normal001"
     assert meta["export_check_max_abs_diff"] < 1e-4
     assert OnnxRuntimeBackend(tmp_path / "slice.onnx").inputs[0].shape == (-1, 1, 200, 200)
     second = subprocess.run([*cmd, "--epochs", "2", "--resume"], capture_output=True,
@@ -113,3 +115,20 @@ def test_train_slice_cli_tiny_run_exports_and_resumes(tmp_path: Path, shared_dat
     assert "resuming" in second.stderr
     state = json.loads((tmp_path / common.CHECKPOINT_JSON).read_text())
     assert state["epoch"] == 2 and len(state["losses"]) == 2
+
+
+def test_training_sources_public_slices_only_on_request(shared_data: Path) -> None:
+    """The UCSD train split joins the series only with ``public="train"``; no data at all, or
+    an unknown choice, is an InputError naming the flag."""
+    from engines.training import slice as train_slice
+    from schemas.errors import InputError
+
+    series_only = train_slice.training_sources(shared_data, ("P002",))
+    assert {s.group for s in series_only} == {"series:P002"}
+    with_public = train_slice.training_sources(shared_data, ("P002",), public="train")
+    public = [s for s in with_public if s.kind == "png"]
+    assert len(public) == 425 and len(with_public) == len(series_only) + 425
+    with pytest.raises(InputError, match="--series"):
+        train_slice.training_sources(shared_data, ())
+    with pytest.raises(InputError, match="public"):
+        train_slice.training_sources(shared_data, ("P002",), public="val")
