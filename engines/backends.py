@@ -86,7 +86,7 @@ class OnnxRuntimeBackend(InferenceBackend):
                                                  providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own untyped errors (Fail, InvalidGraph, ...)
             raise EngineError(f"cannot load model {model_path}: {exc}") from exc
-        self.model_path = model_path
+        self.model_path = Path(model_path)
 
     @staticmethod
     def _spec(arg: Any) -> TensorSpec:

@@ -132,3 +132,13 @@ def test_training_sources_public_slices_only_on_request(shared_data: Path) -> No
         train_slice.training_sources(shared_data, ())
     with pytest.raises(InputError, match="public"):
         train_slice.training_sources(shared_data, ("P002",), public="val")
+
+
+def test_onnxruntime_errors_name_the_model_file() -> None:
+    """A wrong input is an EngineError naming the model, also when the path came as a str."""
+    from engines import MODELS_DIR
+    from schemas.errors import EngineError
+
+    backend = OnnxRuntimeBackend(str(MODELS_DIR / "slice.onnx"))  # type: ignore[arg-type]
+    with pytest.raises(EngineError, match=r"slice\.onnx"):
+        backend.run({"image": np.zeros((1, 1, 8, 8), np.float32)})
