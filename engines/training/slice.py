@@ -6,7 +6,7 @@ Data and labels (the model card ``docs/models/slice.md`` states the same):
   ``--public train``: COVID -> pCT, NonCOVID -> nCT. The official *val* split is never used
   here (evaluation only). The default is ``--public none``: the lung extraction fails on most
   of these figures (cut from papers, not PACS slices), and adding their crops lowered the
-  held-out series score (``docs/models/slice.md``, "Training on the DICOM series").
+  held-out series score (``docs/models/slice.md``, "Why the figures were dropped").
 - Chest CT series given by ``--series`` (default P002 and normal001; cap002 is held out):
   slice-level radiologist infection label 1 -> pCT, 0 -> nCT; normal001 (no slice labels, a
   normal subject) -> nCT.
