@@ -55,10 +55,14 @@ from engines import lung, metrics
 from engines.training.slice import (
     DEFAULT_DATA,
     LABEL_PCT,
+    PUBLIC_CHOICES,
+    PUBLIC_TRAIN,
     SliceSource,
     load_u8,
     public_sources,
     series_sources,
+    sources_text,
+    training_sources,
 )
 
 INPUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -195,7 +199,7 @@ def main() -> int:
                         help="labelled DICOM series scored after training ('' for none)")
     parser.add_argument("--train-series", default="",
                         help="labelled DICOM series added to the training data")
-    parser.add_argument("--public", choices=("train", "none"), default="train",
+    parser.add_argument("--public", choices=PUBLIC_CHOICES, default=PUBLIC_TRAIN,
                         help="train on the UCSD official train split (default) or not")
     parser.add_argument("--arch", choices=("bn-gap", "paper-bn"), default="bn-gap")
     parser.add_argument("--widths", default="16,32,64,128",
@@ -216,11 +220,9 @@ def main() -> int:
     train_series = [s for s in args.train_series.split(",") if s]
     if set(train_series) & set(series):
         parser.error(f"--series: {', '.join(set(train_series) & set(series))} is also trained on")
-    if not train_series and args.public == "none":
+    if not train_series and args.public != PUBLIC_TRAIN:
         parser.error("--public none needs --train-series")
-    train_sources = public_sources(args.data, "train") if args.public == "train" else []
-    for name in train_series:
-        train_sources += series_sources(args.data, name)
+    train_sources = training_sources(args.data, tuple(train_series), public=args.public)
     for kind in kinds:
         if kind not in INPUTS:
             parser.error(f"--inputs: unknown input {kind!r} (choose from {', '.join(INPUTS)})")
@@ -251,9 +253,8 @@ def main() -> int:
                                                                     np.mean(scores, axis=0))}
         print(json.dumps({kind: {k: v for k, v in results[kind].items() if k != "runs"}}),
               file=sys.stderr, flush=True)
-    train_text = (["covid-ct official train split (425)"] if args.public == "train" else []) + [
-        f"series {name}" for name in train_series]
-    print(json.dumps({"train": " + ".join(train_text), "n_train": len(train_sources),
+    print(json.dumps({"train": sources_text(args.public, train_series),
+                      "n_train": len(train_sources),
                       "val": "covid-ct official val split (118)", "arch": args.arch,
                       "widths": args.widths, "size": args.size, "epochs": args.epochs,
                       "batch_size": args.batch_size, "lr": args.lr,

@@ -253,7 +253,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _sources_text(public: str, series: list[str]) -> str:
+def sources_text(public: str, series: list[str]) -> str:
     """What trained the model, in words, for the metadata."""
     parts = ["covid-ct train split"] if public == PUBLIC_TRAIN else []
     if series:
@@ -298,7 +298,7 @@ def main(args: argparse.Namespace) -> int:
         "preprocessing": {"hash": preprocessing_hash(),
                           "steps": "DICOM: HU -> lung window C-600/W1200 -> uint8; PNG: grey "
                                    "uint8; then engines.lung.extract -> 200x200 crop -> /255"},
-        "training": {"sources": _sources_text(args.public, args.series),
+        "training": {"sources": sources_text(args.public, args.series),
                      "n": len(images.labels), "class_counts": images.counts(),
                      "epochs": state.epoch, "final_loss": state.losses[-1] if state.losses
                      else None, "final_train_accuracy": state.accuracies[-1]
