@@ -189,6 +189,56 @@ def preprocess_sources(sources: list[SliceSource], cache: Path | None = None,
     return out
 
 
+#: :func:`input_fingerprint` tolerances: how far a slice's lung-area fraction and mean crop grey
+#: level may move (a library's rounding, not a changed method) before the inputs count as changed.
+FINGERPRINT_TOLERANCES: Final = {"area_fraction": 0.002, "crop_mean": 0.5}
+_FINGERPRINT_DECIMALS: Final = 4
+
+
+def _per_slice(images: SliceSet) -> dict[str, list[float]]:
+    """The per-slice numbers of a fingerprint, rounded as recorded."""
+    means = images.crops.reshape(len(images.crops), -1).mean(axis=1)
+    return {name: [round(float(v), _FINGERPRINT_DECIMALS) for v in values]
+            for name, values in (("area_fraction", images.area_fraction), ("crop_mean", means))}
+
+
+def _crops_sha256(images: SliceSet) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images.crops, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def input_fingerprint(images: SliceSet) -> dict[str, object]:
+    """What the network was trained on, compactly: the SHA-256 of the crops and, per slice,
+    the lung-area fraction and the mean grey level of the crop (recorded in the metadata).
+
+    :func:`fingerprint_problems` recomputes it from the same sources, so a change of
+    pre-processing behaviour (windowing, extraction, decoding) after a model was trained is
+    noticed even where the source hash of :func:`preprocessing_hash` is unchanged (a library
+    update) or changed without effect (a refactor).
+    """
+    return {"crops_sha256": _crops_sha256(images), "n": len(images.crops), **_per_slice(images)}
+
+
+def fingerprint_problems(recorded: dict[str, object], images: SliceSet) -> list[str]:
+    """How pre-processed slices differ from a recorded :func:`input_fingerprint` (empty: the
+    same inputs, byte for byte or within the tolerances)."""
+    if _crops_sha256(images) == recorded.get("crops_sha256"):
+        return []
+    if len(images.crops) != recorded.get("n"):
+        return [f"{len(images.crops)} slices now, {recorded.get('n')} when recorded"]
+    problems = []
+    for name, now in _per_slice(images).items():
+        tolerance = FINGERPRINT_TOLERANCES[name]
+        was = np.asarray(recorded.get(name, []), dtype=np.float64)
+        diff = np.abs(np.asarray(now) - was)
+        moved = np.flatnonzero(diff > tolerance)
+        if moved.size:
+            worst = int(np.argmax(diff))
+            problems.append(f"{name} moved by more than {tolerance} on {moved.size} of "
+                            f"{len(diff)} slices (most on {images.keys[worst]}: "
+                            f"{was[worst]} -> {now[worst]})")
+    return problems
+
+
 def training_sources(data: Path, series: tuple[str, ...], limit: int = 0,
                      public: str = PUBLIC_NONE) -> list[SliceSource]:
     """The given series (+ the public train split with ``public="train"``); ``limit`` > 0 keeps
@@ -297,7 +347,8 @@ def main(args: argparse.Namespace) -> int:
         "thresholds": {"nict_max": 0.5, "pct": 0.5},
         "preprocessing": {"hash": preprocessing_hash(),
                           "steps": "DICOM: HU -> lung window C-600/W1200 -> uint8; PNG: grey "
-                                   "uint8; then engines.lung.extract -> 200x200 crop -> /255"},
+                                   "uint8; then engines.lung.extract -> 200x200 crop -> /255",
+                          "training_inputs": input_fingerprint(images)},
         "training": {"sources": sources_text(args.public, args.series),
                      "n": len(images.labels), "class_counts": images.counts(),
                      "epochs": state.epoch, "final_loss": state.losses[-1] if state.losses

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -108,6 +109,8 @@ def test_train_slice_cli_tiny_run_exports_and_resumes(tmp_path: Path, shared_dat
     assert meta["training"]["public"] == "none"
     assert meta["training"]["sources"] == "series P002,normal001"
     assert meta["export_check_max_abs_diff"] < 1e-4
+    inputs = meta["preprocessing"]["training_inputs"]
+    assert inputs["n"] == meta["training"]["n"] == len(inputs["area_fraction"])
     assert OnnxRuntimeBackend(tmp_path / "slice.onnx").inputs[0].shape == (-1, 1, 200, 200)
     second = subprocess.run([*cmd, "--epochs", "2", "--resume"], capture_output=True,
                             text=True, timeout=300, check=False)
@@ -142,3 +145,39 @@ def test_onnxruntime_errors_name_the_model_file() -> None:
     backend = OnnxRuntimeBackend(str(MODELS_DIR / "slice.onnx"))  # type: ignore[arg-type]
     with pytest.raises(EngineError, match=r"slice\.onnx"):
         backend.run({"image": np.zeros((1, 1, 8, 8), np.float32)})
+
+
+def _slice_set(crops: np.ndarray, area: np.ndarray) -> Any:
+    from engines.training.slice import SliceSet
+
+    n = len(crops)
+    return SliceSet(np.array([f"s{i}" for i in range(n)]), np.array(["g"] * n), crops,
+                    np.zeros(n, np.int64), np.ones(n, bool), area.astype(np.float32))
+
+
+def test_input_fingerprint_tells_a_changed_preprocessing_from_rounding() -> None:
+    """Same crops: no problem. One pixel off by one grey level (a library's rounding): the
+    SHA-256 differs but the per-slice numbers stay within tolerance, no problem. A slice 10
+    grey levels brighter, or a lung area 0.01 larger: named, with the slice."""
+    from engines.training.slice import fingerprint_problems, input_fingerprint
+
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 200, size=(3, 200, 200), dtype=np.uint8)
+    area = np.array([0.1, 0.2, 0.0])
+    recorded = json.loads(json.dumps(input_fingerprint(_slice_set(crops, area))))
+    assert fingerprint_problems(recorded, _slice_set(crops.copy(), area)) == []
+    rounding = crops.copy()
+    rounding[0, 0, 0] += 1
+    assert input_fingerprint(_slice_set(rounding, area))["crops_sha256"] != \
+        recorded["crops_sha256"]
+    assert fingerprint_problems(recorded, _slice_set(rounding, area)) == []
+    brighter = crops.copy()
+    brighter[1] += 10
+    problems = fingerprint_problems(recorded, _slice_set(brighter, area))
+    assert len(problems) == 1 and "crop_mean" in problems[0] and "s1" in problems[0]
+    bigger = area.copy()
+    bigger[2] += 0.01
+    problems = fingerprint_problems(recorded, _slice_set(rounding, bigger))
+    assert len(problems) == 1 and "area_fraction" in problems[0] and "s2" in problems[0]
+    assert fingerprint_problems(recorded, _slice_set(crops[:2], area[:2])) == \
+        ["2 slices now, 3 when recorded"]

@@ -77,3 +77,22 @@ def test_shipped_model_ranks_the_held_out_series_infected_slices_first(
     pct = SliceModel.load(backend="onnxruntime").score(crops)[:, PCT]
     assert metrics.roc_auc(infected, pct) >= 0.85
     assert not np.any(pct[~infected] >= 0.5)
+
+
+@pytest.mark.slow
+def test_the_pre_processing_still_gives_the_shipped_model_its_training_inputs(
+        shared_data: Path) -> None:
+    """The shipped slice CNN only knows the crops it was trained on: the same sources, run
+    through today's pre-processing, must give those crops (by SHA-256, or per slice within
+    the fingerprint's tolerances). Fails when windowing, lung extraction or decoding changed
+    behaviour without a retraining."""
+    from engines.training import slice as train_slice
+
+    meta = load_metadata(MODELS_DIR / "slice.onnx")
+    training = meta["training"]
+    sources = train_slice.training_sources(shared_data, tuple(training["series"]),
+                                           training["limit"], training["public"])
+    images = train_slice.preprocess_sources(sources, None, progress=False)
+    assert images.counts() == training["class_counts"]
+    recorded = meta["preprocessing"]["training_inputs"]
+    assert train_slice.fingerprint_problems(recorded, images) == []
