@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 DEFAULT_FOLDS: Final = 10
 DEFAULT_REPEATS: Final = 10
 DEFAULT_EPOCHS: Final = 16
+#: Four times ``hust19 train slice``'s batch: with the shorter default run, 100 folds stay
+#: feasible on a CPU. Pass ``--batch-size 16 --epochs 40`` for the shipped recipe.
+DEFAULT_BATCH_SIZE: Final = 64
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=int, default=DEFAULT_FOLDS)
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--seed", type=int, default=19)
     # folds are grouped by source paper / series: the public slices supply the groups
     add_data_flags(parser, public=PUBLIC_TRAIN)
