@@ -32,6 +32,7 @@ import numpy as np
 from engines import ictcf
 from engines.cf import CLASSES, MODELS_DIR, feature_order, vectorise_many
 from engines.metrics import binary_measures, multiclass_report, threshold_for_sensitivity
+from engines.training.provenance import training_platform
 from schemas.errors import EngineError, InputError
 from schemas.features import CATALOGUE_VERSION
 
@@ -293,6 +294,7 @@ def train(ictcf_dir: Path, out_dir: Path, config: TrainConfig, *, folds: int = D
                          f"{ONNX_OPSET} with softmax in the graph",
             "out_of_fold": oof_summary,
             "seconds": round(time.monotonic() - started, 1),
+            "platform": training_platform(),
         },
     }
     (out_dir / "cf.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")

@@ -48,6 +48,7 @@ from engines.fusion import (
     TRANSFORM_PLR,
 )
 from engines.metrics import binary_measures, multiclass_report, threshold_for_sensitivity
+from engines.training.provenance import training_platform
 from schemas.errors import InputError
 
 DEFAULT_TARGET_SN: Final = 0.95
@@ -222,6 +223,7 @@ def train(cf_path: Path, ct_path: Path, *, target_sn: float = DEFAULT_TARGET_SN,
             "pairs_per_patient": pairs_per_patient, "seed": seed,
             "c_grid": list(C_GRID), "c_selection": f"stratified {folds}-fold log-loss",
             "solver": "scikit-learn LogisticRegression (lbfgs, multinomial, L2)",
+            "platform": training_platform(),
         },
     }
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from engines.patient_model import TOP_K, select_top, stack
+from engines.training.provenance import training_platform
 from engines.training.slice import (
     DEFAULT_DATA,
     MODELS_DIR,
@@ -238,7 +239,8 @@ def main(args: argparse.Namespace) -> int:
                       "padding": "blank slices appended when fewer than 10 are usable"},
         "slice_model": {"version": slice_meta.get("version"), "sha256": slice_meta["sha256"]},
         "training": {"pseudo_patients": counts, "epochs": state.epoch,
-                     "final_loss": state.losses[-1] if state.losses else None, **config},
+                     "final_loss": state.losses[-1] if state.losses else None,
+                     "platform": training_platform(), **config},
     }
     onnx_path = out / f"{MODEL_NAME}.onnx"
     meta = common.export_model(net, onnx_path, meta, pp.stacks[:4])

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from engines import lung, preprocess
+from engines.training.provenance import training_platform
 from schemas.errors import InputError
 
 if TYPE_CHECKING:
@@ -353,7 +354,8 @@ def main(args: argparse.Namespace) -> int:
                      "n": len(images.labels), "class_counts": images.counts(),
                      "epochs": state.epoch, "final_loss": state.losses[-1] if state.losses
                      else None, "final_train_accuracy": state.accuracies[-1]
-                     if state.accuracies else None, **config},
+                     if state.accuracies else None, "platform": training_platform(),
+                     **config},
     }
     onnx_path = out / f"{MODEL_NAME}.onnx"
     check = images.crops[:8, None]

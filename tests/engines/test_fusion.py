@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sklearn
 
 from engines import fusion
 from engines.training import fusion as training
@@ -73,6 +74,7 @@ def test_pairing_is_label_matched(ct_scores: Path, cf_oof: Path) -> None:
 def test_json_round_trip_matches_sklearn(trained: Path, ct_scores: Path, cf_oof: Path) -> None:
     doc = json.loads(trained.read_text())
     assert "SYNTHETIC" in doc["training"]["description"]
+    assert doc["training"]["platform"]["libraries"]["scikit-learn"] == sklearn.__version__
     model = fusion.FusionModel.load(trained)
     cf, ct = training.read_scores(cf_oof), training.read_scores(ct_scores)
     x, y, _ = training.pair_by_label(cf, ct, 2, seed=0)

@@ -111,6 +111,7 @@ def test_train_slice_cli_tiny_run_exports_and_resumes(tmp_path: Path, shared_dat
     assert meta["export_check_max_abs_diff"] < 1e-4
     inputs = meta["preprocessing"]["training_inputs"]
     assert inputs["n"] == meta["training"]["n"] == len(inputs["area_fraction"])
+    assert meta["training"]["platform"]["libraries"]["torch"] == torch.__version__
     assert OnnxRuntimeBackend(tmp_path / "slice.onnx").inputs[0].shape == (-1, 1, 200, 200)
     second = subprocess.run([*cmd, "--epochs", "2", "--resume"], capture_output=True,
                             text=True, timeout=300, check=False)
