@@ -4,16 +4,21 @@ selection, the exported model, the out-of-fold scores for the fusion, resuming."
 from __future__ import annotations
 
 import csv
+import io
 import json
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from engines.backends import OnnxRuntimeBackend, file_sha256
+from engines.networks import PATIENT_CLASSES
 from engines.slice_model import MODELS_DIR
 from engines.training import common
 from engines.training.patient import OOF_CSV, SERIES_LABELS
@@ -31,26 +36,39 @@ def _train(shared_data: Path, out: Path, *extra: str) -> subprocess.CompletedPro
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
 
 
-def test_tiny_run_exports_scores_out_of_fold_and_resumes(shared_data: Path,
-                                                         tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class FirstRun:
+    """One tiny training (one epoch), as written before any test touched its folder."""
+
+    out: Path
+    onnx: bytes
+    oof: str
+
+
+@pytest.fixture(scope="module")
+def first_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> FirstRun:
+    out = tmp_path_factory.mktemp("patient")
+    run = _train(shared_data, out, "--epochs", "1")
+    assert run.returncode == 0, run.stderr
+    return FirstRun(out, (out / "patient.onnx").read_bytes(), (out / OOF_CSV).read_text())
+
+
+def test_tiny_run_exports_and_scores_out_of_fold(first_run: FirstRun) -> None:
     """One epoch on 12 slices per source: a 10-channel ONNX model tied to the slice model that
     selected its inputs; one out-of-fold row per pseudo-patient, every series' pseudo-patients
-    in one fold (a fold model never saw a run of the series it scores); a resumed run to
-    epoch 2 continues the checkpoint."""
-    first = _train(shared_data, tmp_path, "--epochs", "1")
-    assert first.returncode == 0, first.stderr
-    meta = json.loads((tmp_path / "patient.json").read_text())
+    in one fold (a fold model never saw a run of the series it scores)."""
+    out = first_run.out
+    meta = json.loads((out / "patient.json").read_text())
     assert meta["slice_model"]["sha256"] == file_sha256(MODELS_DIR / "slice.onnx")
     assert meta["export_check_max_abs_diff"] < common.EXPORT_TOLERANCE
     assert meta["training"]["platform"]["libraries"]["torch"] == torch.__version__
-    assert OnnxRuntimeBackend(tmp_path / "patient.onnx").inputs[0].shape == (-1, 10, 200, 200)
+    assert OnnxRuntimeBackend(out / "patient.onnx").inputs[0].shape == (-1, 10, 200, 200)
 
-    with (tmp_path / OOF_CSV).open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = list(csv.DictReader(io.StringIO(first_run.oof)))
     counts = meta["training"]["pseudo_patients"]
     assert len(rows) == sum(counts.values())
     assert {lab: sum(r["label"] == lab for r in rows) for lab in counts} == counts
-    proba = np.array([[float(r[c]) for c in ("control", "type1", "type2")] for r in rows])
+    proba = np.array([[float(r[c]) for c in PATIENT_CLASSES] for r in rows])
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
     series_folds: dict[str, set[str]] = defaultdict(set)
     for r in rows:
@@ -61,10 +79,16 @@ def test_tiny_run_exports_scores_out_of_fold_and_resumes(shared_data: Path,
         PER_SERIES * len(SERIES_LABELS)
     assert {r["label"] for r in rows if r["pseudo_patient_id"].startswith("P002")} == {"covid"}
 
-    second = _train(shared_data, tmp_path, "--epochs", "2", "--resume")
-    assert second.returncode == 0, second.stderr
-    assert "resuming" in second.stderr
-    state = json.loads((tmp_path / "final" / common.CHECKPOINT_JSON).read_text())
+
+def test_resume_continues_the_checkpoint(shared_data: Path, first_run: FirstRun,
+                                         tmp_path: Path) -> None:
+    """A resumed run to epoch 2 continues the first run's checkpoint (on a copy of it)."""
+    out = tmp_path / "resumed"
+    shutil.copytree(first_run.out, out)
+    run = _train(shared_data, out, "--epochs", "2", "--resume")
+    assert run.returncode == 0, run.stderr
+    assert "resuming" in run.stderr
+    state = json.loads((out / "final" / common.CHECKPOINT_JSON).read_text())
     assert state["epoch"] == 2 and len(state["losses"]) == 2
 
 
@@ -79,13 +103,11 @@ def test_a_data_folder_without_the_series_is_a_one_line_error(tmp_path: Path) ->
 
 
 def test_training_twice_on_one_machine_gives_the_same_model(shared_data: Path,
+                                                            first_run: FirstRun,
                                                             tmp_path: Path) -> None:
     """Same data, seed and machine: byte-identical ONNX weights and out-of-fold scores
     (across CPUs the rounding differs, ``docs/models/cf.md``)."""
-    runs = []
-    for name in ("a", "b"):
-        run = _train(shared_data, tmp_path / name, "--epochs", "1")
-        assert run.returncode == 0, run.stderr
-        runs.append(((tmp_path / name / "patient.onnx").read_bytes(),
-                     (tmp_path / name / OOF_CSV).read_text()))
-    assert runs[0] == runs[1]
+    run = _train(shared_data, tmp_path, "--epochs", "1")
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "patient.onnx").read_bytes() == first_run.onnx
+    assert (tmp_path / OOF_CSV).read_text() == first_run.oof
