@@ -43,7 +43,7 @@ from agent.metrics import STAGE_FUSION, STAGE_SLICE_INFERENCE, Metrics
 from agent.offsets import OffsetTracker, TopicPartition
 from agent.pacs import PacsSender
 from agent.sr import SrSource, build_sr
-from agent.uids import sr_instance_uid
+from agent.uids import result_id, sr_instance_uid
 from engines import preprocess
 from engines.cf import CfModel, vectorise
 from engines.fusion import FusionModel
@@ -466,7 +466,8 @@ class TriageWorker:
     def _triage(self, st: SeriesState, ev: SeriesEvent, *,
                 lookup: LabLookup | None = None) -> TriageResult:
         header = st.header
-        base = {"study_uid": ev.study_uid, "series_uid": ev.series_uid,
+        base = {"result_id": result_id(ev.series_uid),
+                "study_uid": ev.study_uid, "series_uid": ev.series_uid,
                 "patient_id": (str(header.get("PatientID", "")) if header is not None else None)
                 or ev.patient_id,
                 "accession_number": (str(header.get("AccessionNumber", ""))

@@ -7,15 +7,20 @@ new version; readers accept every version they know.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.uids import result_id
+
 INSTANCE_SCHEMA: Final = "hust19.dicom.instance/1"
 SERIES_SCHEMA: Final = "hust19.dicom.series/1"
-RESULT_SCHEMA: Final = "hust19.triage.result/1"
+RESULT_SCHEMA_V1: Final = "hust19.triage.result/1"
+RESULT_SCHEMA: Final = "hust19.triage.result/2"
 DLQ_SCHEMA: Final = "hust19.triage.dlq/1"
+EVIDENCE_SCHEMA: Final = "hust19.triage.evidence/1"
 
 Flag = Literal["control", "type1", "type2"]
 Threshold = Literal["general", "sensitive"]
@@ -68,22 +73,83 @@ class ClassScores(_Message):
     type2: float = Field(ge=0.0, le=1.0)
 
 
-class ModalityScores(_Message):
-    """Per-modality scores; ``None`` where that modality was not available."""
+class ModalityScoresV1(_Message):
+    """Per-modality scores of a version-1 result."""
 
     ct: ClassScores | None = None
     cf: ClassScores | None = None
     fused: ClassScores | None = None
 
 
-class Availability(_Message):
-    """Which modalities went into the flag, and why one is missing."""
+class ModalityScores(_Message):
+    """Per-modality scores; ``None`` where that modality was not available.
+
+    ``ct`` is the CT side that went into the flag (``Availability.ct_source`` says which
+    model gave it); ``ct_cnn`` is the HUST-19 patient CNN's output, always reported beside it
+    when the CNN ran, whether or not it decided."""
+
+    ct: ClassScores | None = None
+    ct_cnn: ClassScores | None = None
+    cf: ClassScores | None = None
+    fused: ClassScores | None = None
+
+
+class AvailabilityV1(_Message):
+    """Which modalities went into the flag (version-1 result)."""
 
     ct: bool
     cf: bool
     ct_reason: str | None = None
     cf_reason: str | None = None
     fusion: Literal["plr", "ct_only", "cf_only", "none"]
+
+
+class Availability(_Message):
+    """Which modalities went into the flag, and why one is missing.
+
+    ``fusion`` names the rule that combined them (``rule``: the stated default, CF decides
+    COVID-19 and CT the severity; ``plr``: the paper's penalised logistic regression fitted on
+    paired data), or the single modality used. ``ct_source`` is the model behind the CT
+    scores: ``quantitative`` (lung involvement in HU) or ``patient_cnn``."""
+
+    ct: bool
+    cf: bool
+    ct_reason: str | None = None
+    cf_reason: str | None = None
+    fusion: Literal["rule", "plr", "ct_only", "cf_only", "none"]
+    ct_source: Literal["quantitative", "patient_cnn"] | None = None
+
+
+class LungMeasurements(_Message):
+    """Quantitative CT of one lung, or of both: volume and the share of each density pattern.
+
+    Percentages are of this lung's volume. ``involvement_percent`` is ground glass plus
+    consolidation after vessel and airway-wall suppression (see ``docs/models/quantitative.md``
+    for the bands and their sources)."""
+
+    volume_ml: float = Field(ge=0.0)
+    mean_hu: float | None = None
+    well_aerated_percent: float = Field(ge=0.0, le=100.0)
+    ground_glass_percent: float = Field(ge=0.0, le=100.0)
+    consolidation_percent: float = Field(ge=0.0, le=100.0)
+    involvement_percent: float = Field(ge=0.0, le=100.0)
+
+
+class QuantitativeCt(_Message):
+    """Quantitative lung CT of the series in Hounsfield units.
+
+    ``severity`` is the CT severity category of the involvement (CT-0 none, CT-1 < 25 %,
+    CT-2 25-50 %, CT-3 50-75 %, CT-4 >= 75 %); ``warnings`` name what limits the numbers
+    (gaps, partial coverage) without making them wrong."""
+
+    method: str
+    lungs: LungMeasurements
+    left: LungMeasurements | None = None
+    right: LungMeasurements | None = None
+    severity: Literal["CT-0", "CT-1", "CT-2", "CT-3", "CT-4"]
+    slices_with_lung: int = Field(ge=0)
+    slice_spacing_mm: float | None = None
+    warnings: list[str] = Field(default_factory=list)
 
 
 class Timings(_Message):
@@ -95,13 +161,50 @@ class Timings(_Message):
     result_ready: datetime
 
 
+class TriageResultV1(_Message):
+    """A version-1 ``triage.results`` message, as agents before the quantitative CT wrote it.
+    Read by :func:`parse_result`, which upgrades it to :class:`TriageResult`."""
+
+    schema_: Literal["hust19.triage.result/1"] = Field(RESULT_SCHEMA_V1, alias="schema")
+    status: Literal["triaged", "skipped"]
+    skip_reason: str | None = None
+    study_uid: str
+    series_uid: str
+    patient_id: str | None = None
+    accession_number: str | None = None
+    flag: Flag | None = None
+    flag_general: Flag | None = None
+    flag_sensitive: Flag | None = None
+    threshold: Threshold | None = None
+    scores: ModalityScoresV1 = ModalityScoresV1()
+    availability: AvailabilityV1 | None = None
+    instance_count: int = 0
+    top_slices: list[str] = Field(default_factory=list)
+    sr_sop_instance_uid: str | None = None
+    model_versions: dict[str, str] = Field(default_factory=dict)
+    timings: Timings
+    generation: int = 1
+
+
 class TriageResult(_Message):
-    """A ``triage.results`` message (key = StudyInstanceUID).
+    """A ``triage.results`` message (key = StudyInstanceUID), version 2.
 
     ``status`` is ``triaged`` with a flag, or ``skipped`` with ``skip_reason`` for series the
-    method does not apply to (not CT, a localizer, too few slices)."""
+    method does not apply to (not CT, a localizer, too few slices, no lungs in view).
 
-    schema_: Literal["hust19.triage.result/1"] = Field(RESULT_SCHEMA, alias="schema")
+    ``result_id`` is the same for every result about one series; ``revision`` grows when a
+    result with other content replaces an earlier one (labs arrived, more instances, other
+    models). Consumers keep, per ``result_id``, the highest revision; a redelivered message
+    repeats a revision they already have. ``supersedes_sr_sop_instance_uid`` names the SR the
+    new one replaces at the PACS.
+
+    Version 2 adds ``result_id``, ``revision``, ``supersedes_sr_sop_instance_uid``,
+    ``quantitative_ct``, ``scores.ct_cnn``, ``availability.ct_source`` and the fusion ``rule``.
+    """
+
+    schema_: Literal["hust19.triage.result/2"] = Field(RESULT_SCHEMA, alias="schema")
+    result_id: str
+    revision: int = Field(1, ge=1)
     status: Literal["triaged", "skipped"]
     skip_reason: str | None = None
     study_uid: str
@@ -114,13 +217,43 @@ class TriageResult(_Message):
     threshold: Threshold | None = None
     scores: ModalityScores = ModalityScores()
     availability: Availability | None = None
+    quantitative_ct: QuantitativeCt | None = None
     instance_count: int = 0
     top_slices: list[str] = Field(default_factory=list, description="SOP Instance UIDs of the "
-                                  "top-10 pCT evidence slices, in slice order")
+                                  "top-10 evidence slices, in slice order")
     sr_sop_instance_uid: str | None = None
+    supersedes_sr_sop_instance_uid: str | None = None
     model_versions: dict[str, str] = Field(default_factory=dict)
     timings: Timings
     generation: int = 1
+
+
+class EvidenceSlice(_Message):
+    """One evidence slice as a small lung-window thumbnail (PNG, base64)."""
+
+    sop_instance_uid: str
+    index: int = Field(ge=0, description="position in slice order, 0 = most cranial")
+    score: float = Field(ge=0.0, le=1.0, description="the slice evidence score")
+    involvement_percent: float | None = Field(None, ge=0.0, le=100.0)
+    png_b64: str
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+
+
+class EvidenceThumbnails(_Message):
+    """A ``triage.evidence`` message (key = SeriesInstanceUID): the evidence slices of one
+    result as thumbnails in the lung window, so that a dashboard can show them without
+    reaching into the PACS. It carries pixel data of the patient (PHI), like the other
+    topics."""
+
+    schema_: Literal["hust19.triage.evidence/1"] = Field(EVIDENCE_SCHEMA, alias="schema")
+    result_id: str
+    revision: int = Field(1, ge=1)
+    study_uid: str
+    series_uid: str
+    window_center_hu: float
+    window_width_hu: float
+    slices: list[EvidenceSlice]
 
 
 class DeadLetter(_Message):
@@ -143,9 +276,28 @@ class DeadLetter(_Message):
 ALL_MESSAGES: dict[str, type[_Message]] = {
     "dicom.instance": InstanceHeaders,
     "dicom.series": SeriesEvent,
+    "triage.result.v1": TriageResultV1,
     "triage.result": TriageResult,
+    "triage.evidence": EvidenceThumbnails,
     "triage.dlq": DeadLetter,
 }
+
+
+def upgrade_result(old: TriageResultV1) -> TriageResult:
+    """A version-1 result as version 2: ``result_id`` derived from the series UID (the rule
+    the agent uses), revision 1, no quantitative CT; the v1 ``fusion`` names carry over."""
+    data = old.model_dump(by_alias=False, exclude={"schema_"})
+    return TriageResult(result_id=result_id(old.series_uid), **data)
+
+
+def parse_result(raw: bytes | str) -> TriageResult:
+    """Read a ``triage.results`` message of any known version as a version-2 result.
+
+    Raises ``pydantic.ValidationError`` for a message that is neither version."""
+    doc = json.loads(raw)
+    if isinstance(doc, dict) and doc.get("schema") == RESULT_SCHEMA_V1:
+        return upgrade_result(TriageResultV1.model_validate(doc))
+    return TriageResult.model_validate(doc)
 
 
 def dump_json(message: _Message) -> bytes:

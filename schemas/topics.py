@@ -13,10 +13,15 @@ DICOM_SERIES: Final = "dicom.series"
 TRIAGE_RESULTS: Final = "triage.results"
 """Triage results (:class:`schemas.messages.TriageResult`), key StudyInstanceUID."""
 
+TRIAGE_EVIDENCE: Final = "triage.evidence"
+"""Evidence-slice thumbnails of each result (:class:`schemas.messages.EvidenceThumbnails`),
+key SeriesInstanceUID: for dashboards, so they need not reach into the PACS."""
+
 TRIAGE_DLQ: Final = "triage.dlq"
 """What could not be processed (:class:`schemas.messages.DeadLetter`), key as the original."""
 
-ALL_TOPICS: Final = (DICOM_INSTANCES, DICOM_SERIES, TRIAGE_RESULTS, TRIAGE_DLQ)
+ALL_TOPICS: Final = (DICOM_INSTANCES, DICOM_SERIES, TRIAGE_RESULTS, TRIAGE_EVIDENCE,
+                     TRIAGE_DLQ)
 
 # Header names on dicom.instances messages (values are UTF-8 bytes).
 H_SCHEMA: Final = "schema"

@@ -35,7 +35,7 @@ from agent.cli import setup_logging
 from agent.config import Settings, load_settings
 from schemas import topics
 from schemas.errors import Hust19Error, InputError
-from schemas.messages import TriageResult
+from schemas.messages import TriageResult, parse_result
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def wait_for_result(agent: Agent, pacs_dir: Path | None,
         if result is None:
             messages = read_all(agent, topics.TRIAGE_RESULTS)
             if messages:
-                result = TriageResult.model_validate_json(messages[0].value)
+                result = parse_result(messages[0].value)
         if result is not None:
             if pacs_dir is None or result.sr_sop_instance_uid is None:
                 return result, None

@@ -27,7 +27,7 @@ from agent.sr import (
     SrSource,
     build_sr,
 )
-from agent.uids import sr_instance_uid, sr_series_uid
+from agent.uids import result_id, sr_instance_uid, sr_series_uid
 from schemas.errors import DicomInputError, InputError
 from schemas.messages import (
     Availability,
@@ -69,6 +69,7 @@ def make_result(source: SrSource, flag: Flag = "type1", *, cf: bool = False,
     cf_scores = ClassScores(control=0.3, type1=0.5, type2=0.2) if cf else None
     fused = ClassScores(control=0.2, type1=0.6, type2=0.2) if cf else ct
     return TriageResult(
+        result_id=result_id(source.series_uid),
         status="triaged", study_uid=source.study_uid, series_uid=source.series_uid,
         flag=flag, flag_general=flag, threshold="general",
         scores=ModalityScores(ct=ct, cf=cf_scores, fused=fused),
@@ -223,7 +224,7 @@ def test_result_without_top_slices_references_the_source_instance(
 
 
 def test_unusable_results_are_refused(normal_source: SrSource) -> None:
-    skipped = TriageResult(status="skipped", skip_reason="not CT",
+    skipped = TriageResult(result_id="1.2", status="skipped", skip_reason="not CT",
                            study_uid=normal_source.study_uid,
                            series_uid=normal_source.series_uid, timings=Timings(result_ready=READY))
     with pytest.raises(InputError, match="skipped"):
