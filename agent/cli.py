@@ -21,8 +21,8 @@ EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130
 
-COMMAND_MODULES: Final = ("serve", "ingest", "worker", "bus", "lis", "train", "evaluate",
-                          "predict", "doctor", "engines", "demo", "config")
+COMMAND_MODULES: Final = ("serve", "ingest", "worker", "dashboard", "bus", "lis", "train",
+                          "evaluate", "predict", "doctor", "engines", "demo", "config")
 
 
 class JsonFormatter(logging.Formatter):
