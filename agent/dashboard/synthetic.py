@@ -102,11 +102,11 @@ def make_result(n: int, *, flag: str | None = None, revision: int = 1,
     q = QuantitativeCt(method="hu-bands/1", lungs=_lung(rng, involvement, left + right),
                        left=_lung(rng, involvement * rng.uniform(0.7, 1.2) % 100, left),
                        right=_lung(rng, involvement * rng.uniform(0.7, 1.2) % 100, right),
-                       severity=severity(involvement),  # type: ignore[arg-type]
+                       severity=severity(involvement),
                        slices_with_lung=rng.randint(40, 250), slice_spacing_mm=1.25)
     top = [derive_uid("synthetic-slice", str(n), str(i)) for i in range(10)]
     return TriageResult(
-        status="triaged", flag=flag, flag_general=flag, flag_sensitive=flag,  # type: ignore[arg-type]
+        status="triaged", flag=flag, flag_general=flag, flag_sensitive=flag,
         threshold="general",
         scores=ModalityScores(ct=ct, ct_cnn=cnn, cf=cf, fused=fused),
         availability=Availability(ct=True, cf=labs, cf_reason=None if labs else
