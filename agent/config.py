@@ -64,8 +64,32 @@ class Settings(BaseModel):
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
     tls_ca: Path | None = Field(None, description="PEM CA bundle: when set, clients must present "
                                 "a certificate signed by it.")
+    require_called_ae: bool = Field(True, description="Refuse an association whose Called AE "
+                                    "title is not ae_title (A-ASSOCIATE-RJ, called AE title not "
+                                    "recognised); false accepts any Called AE.")
+    max_associations: int = Field(32, ge=1, description="Connections to the DICOM listener at "
+                                  "once, TLS handshakes and connections not yet associated "
+                                  "included; one more is closed at once (logged).")
+    max_associations_per_peer: int = Field(16, ge=1, description="Connections at once from one "
+                                           "IP address; one more is closed at once (logged).")
+    artim_timeout_s: float = Field(10.0, gt=0, description="ARTIM: a connection that sends no "
+                                   "A-ASSOCIATE-RQ within this many seconds is closed (also the "
+                                   "ACSE timeout).")
+    tls_handshake_timeout_s: float = Field(5.0, gt=0, description="A TLS handshake must be over "
+                                           "within this many seconds (it runs in the "
+                                           "connection's own thread, never the accept thread).")
+    dicom_idle_timeout_s: float = Field(60.0, gt=0, description="An association that sends "
+                                        "nothing for this many seconds is aborted; a PDU whose "
+                                        "bytes stop arriving this long closes the connection.")
+    max_instance_mib: int = Field(512, ge=1, description="Largest C-STORE dataset received, in "
+                                  "MiB; a larger one aborts the association (it would be held "
+                                  "in memory whole). The Kafka bus carries at most 64 MiB.")
     series_quiet_s: float = Field(3.0, gt=0, description="A series is complete when quiet this "
                                   "long after its association was released.")
+    series_aborted_quiet_s: float = Field(120.0, gt=0, description="A series whose last "
+                                          "association was aborted (or that was open when the "
+                                          "agent stopped) is complete only when quiet this "
+                                          "long, so a resumed send gives one result.")
     series_max_quiet_s: float = Field(60.0, gt=0, description="A series is complete when quiet "
                                       "this long, association or not.")
     spool_retention_h: float = Field(24.0, ge=0, description="A spooled file is deleted this "
@@ -91,6 +115,20 @@ class Settings(BaseModel):
                                    "topic has read past it (Kafka's retention.ms; a Kafka bus "
                                    "keeps its topics' own setting); 0 keeps everything.")
     consumer_group: str = Field("hust19-worker", description="Kafka consumer group of workers.")
+    kafka_session_timeout_ms: int = Field(10000, ge=1000, description="Kafka: a worker that "
+                                          "sends no heartbeat this long is declared dead and its "
+                                          "partitions (series) go to the others.")
+    kafka_heartbeat_interval_ms: int = Field(1000, ge=100, description="Kafka: heartbeat "
+                                             "period; also how soon a member learns that a "
+                                             "rebalance started.")
+    kafka_max_poll_interval_ms: int = Field(60000, ge=1000, description="Kafka: a worker that "
+                                            "does not poll this long leaves the group; also the "
+                                            "longest a rebalance waits for a member to rejoin.")
+    kafka_instance_id: str | None = Field(None, description="Kafka static membership "
+                                          "(group.instance.id): a stable, unique name per "
+                                          "worker; a worker restarted with the same name within "
+                                          "the session timeout gets its partitions back without "
+                                          "a rebalance. Unset: dynamic membership.")
     # Worker
     lis: str | None = Field(None, description="SQLAlchemy URL of the LIS; default: SQLite file "
                             "lis.sqlite in data_dir.")
@@ -136,6 +174,21 @@ class Settings(BaseModel):
     def lis_url(self) -> str:
         """The LIS URL in force (the SQLite default resolved)."""
         return self.lis or f"sqlite:///{(self.data_dir / 'lis.sqlite').resolve()}"
+
+    @property
+    def max_instance_bytes(self) -> int:
+        """The largest C-STORE dataset received, in bytes."""
+        return self.max_instance_mib * KIB * KIB
+
+    @property
+    def kafka_client_settings(self) -> dict[str, Any]:
+        """The kafka-python settings these fields stand for (see :mod:`agent.bus_kafka`)."""
+        out: dict[str, Any] = {"session_timeout_ms": self.kafka_session_timeout_ms,
+                               "heartbeat_interval_ms": self.kafka_heartbeat_interval_ms,
+                               "max_poll_interval_ms": self.kafka_max_poll_interval_ms}
+        if self.kafka_instance_id:
+            out["group_instance_id"] = self.kafka_instance_id
+        return out
 
     @property
     def spool_pool_file_bytes(self) -> int:
@@ -211,7 +264,8 @@ def example_toml() -> str:
                        "pacs": '["pacs.example.org:104:PACS"]',
                        "lis": '"postgresql+psycopg://hust19@lis-db.example.org/lis"',
                        "engine_cache": '"/var/lib/hust19/engines"',
-                       "lis_mapping": '"/etc/hust19/lis-mapping.toml"'}.get(name, '""')
+                       "lis_mapping": '"/etc/hust19/lis-mapping.toml"',
+                       "kafka_instance_id": '"worker-1"'}.get(name, '""')
             lines.append(f"# {name} = {example}")
         else:
             lines.append(f"{name} = {_toml_value(default)}")

@@ -10,7 +10,9 @@ elements the caller asks for: about 0.02 ms. Values are decoded by the caller fr
 
 Anything that cannot be walked (a length that runs past the end, an unknown VR, an undefined
 length where PS3.5 allows none, a sequence without its delimiter, nesting deeper than
-:data:`MAX_DEPTH`) raises :class:`ScanError` naming the element and its offset. It checks the
+:data:`MAX_DEPTH`) raises :class:`ScanError` naming the element and its offset; where the data
+contradicts itself whoever reads it (a length past the end, nesting too deep, a deflate bomb)
+the error is a :class:`StructureError`. It checks the
 structure, not the values: the worker still reads every instance with pydicom.
 """
 
@@ -26,6 +28,8 @@ ITEM: Final = 0xFFFEE000
 ITEM_DELIMITER: Final = 0xFFFEE00D
 SEQUENCE_DELIMITER: Final = 0xFFFEE0DD
 PIXEL_DATA: Final = 0x7FE00010
+MAX_INFLATED_BYTES: Final = 1 << 30
+"""A deflated dataset is inflated to at most this many bytes (1 GiB)."""
 MAX_DEPTH: Final = 32
 """Nested sequences deeper than this are refused (real CT headers nest three or four)."""
 
@@ -45,6 +49,12 @@ _IMPLICIT: Final = struct.Struct("<HHI")
 
 class ScanError(Exception):
     """The dataset cannot be walked; the message names the element and the offset."""
+
+
+class StructureError(ScanError):
+    """The dataset contradicts itself, whoever reads it: a declared length runs past the end
+    of the data, a sequence has no end, sequences nest deeper than :data:`MAX_DEPTH`, a
+    deflated dataset inflates past its bound. Not a reason to ask a more lenient reader."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +119,9 @@ class _Walker:
     def skip_value(self, tag: int, start: int, value_at: int, length: int) -> int:
         end = value_at + length
         if end > self.size:
-            raise self._fail(tag, start, f"its length {length} runs past the end of the "
-                                         f"dataset ({self.size} bytes): truncated")
+            raise StructureError(
+                f"{_tag_text(tag)} declares {length} bytes, {self.size - value_at} left "
+                f"(element at byte {start} of {self.size}): truncated, or a wrong length")
         return end
 
     def dataset(self, pos: int, explicit_vr: bool, depth: int,
@@ -146,7 +157,8 @@ class _Walker:
         """Walk the items of an undefined-length sequence (or encapsulated pixel data) up to
         its Sequence Delimitation Item; returns the position after it."""
         if depth > MAX_DEPTH:
-            raise self._fail(owner, pos, f"sequences nested deeper than {MAX_DEPTH}")
+            raise StructureError(f"sequences nested deeper than {MAX_DEPTH} (in "
+                                 f"{_tag_text(owner)} at byte {pos} of the dataset)")
         while True:
             start = pos
             if pos + 8 > self.size:
@@ -162,12 +174,17 @@ class _Walker:
                 pos = self.skip_value(tag, start, pos, length)
 
 
-def inflate(data: bytes | memoryview) -> bytes:
+def inflate(data: bytes | memoryview, max_bytes: int = MAX_INFLATED_BYTES) -> bytes:
     """The dataset of a Deflated Explicit VR Little Endian transfer (raw deflate, RFC 1951);
-    raises :class:`ScanError` if it does not inflate."""
+    raises :class:`ScanError` if it does not inflate, :class:`StructureError` if it would
+    inflate past ``max_bytes`` (a deflate bomb: inflation stops there)."""
     try:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        return inflater.decompress(data) + inflater.flush()
+        out = inflater.decompress(data, max_bytes + 1)
+        if len(out) > max_bytes or inflater.unconsumed_tail:
+            raise StructureError(f"deflated dataset of {len(data)} bytes inflates past "
+                                 f"{max_bytes} bytes")
+        return out + inflater.flush()
     except zlib.error as exc:
         raise ScanError(f"deflated dataset does not inflate: {exc}") from exc
 

@@ -69,10 +69,26 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     EnhancedCTImageStorage,
     Verification,
 )
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from agent.config import Settings
-from agent.element_scan import PIXEL_DATA, UNDEFINED_LENGTH, ScanError, inflate, scan
+from agent.dicom_guard import (
+    MAX_PDU_BYTES,
+    REASON_ARTIM,
+    REASON_ASSOCIATION_REJECTED,
+    ConnectionGuard,
+    GuardedAssociationServer,
+    Limits,
+    bound_dul,
+)
+from agent.element_scan import (
+    PIXEL_DATA,
+    UNDEFINED_LENGTH,
+    ScanError,
+    StructureError,
+    inflate,
+    scan,
+)
 from agent.metrics import STAGE_INGEST, Metrics
 from agent.spool import TRAILING_PADDING, InstanceInfo, Padding, Spool, SpoolError, StoreOutcome
 from agent.status import StoreStatus, error_comment
@@ -97,8 +113,6 @@ ENCAPSULATED_SYNTAXES: Final = (
 ACCEPTED_SYNTAXES: Final = (*NATIVE_SYNTAXES, *ENCAPSULATED_SYNTAXES)
 """Accepted as received, in this order of preference when a context offers several."""
 
-MAX_PDU_BYTES: Final = 0
-"""Maximum PDU size the SCP announces; 0 = unlimited, so senders may use large PDUs."""
 
 ACTIVE_DUL_LOOP_DELAY_S: Final = 0.0001
 """Polling period of an association's DUL reactor thread (pynetdicom's default is 1 ms).
@@ -261,6 +275,23 @@ def _facts_from_scan(dataset: bytes | memoryview, transfer_syntax_uid: str) -> _
         padded=_TAG_TRAILING_PADDING in present)
 
 
+def _syntax_mismatch(dataset: bytes | memoryview, transfer_syntax_uid: str) -> str | None:
+    """When the declared transfer syntax cannot walk ``dataset``: the reason to refuse it if
+    the other VR encoding can (Implicit VR bytes announced as Explicit, or the reverse);
+    ``None`` otherwise. Only asked after a failed walk."""
+    if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+        return None
+    explicit = transfer_syntax_uid != ImplicitVRLittleEndian
+    try:
+        scan(dataset, explicit_vr=not explicit, wanted=frozenset())
+    except ScanError:
+        return None
+    found, declared = ("Implicit", "Explicit") if explicit else ("Explicit", "Implicit")
+    return (f"{found} VR data, transfer syntax says {declared} VR: the dataset is encoded in "
+            f"{found} VR Little Endian, the negotiated transfer syntax "
+            f"{UID(transfer_syntax_uid).name} ({transfer_syntax_uid}) is {declared} VR")
+
+
 def _raw_text(ds: Dataset, tag: BaseTag) -> str | None:
     """The value of a text element without pydicom's VR validation (raw bytes decoded),
     ``None`` when absent. Raises ``Rejection`` if the element cannot be read."""
@@ -327,12 +358,23 @@ def check_dataset(dataset: bytes | memoryview, *, file_meta: bytes, sop_class_ui
     geometry says. Syntactically invalid (but present) UIDs are accepted with a warning: real
     scanners send them and the SeriesInstanceUID is only used as a key.
 
-    The dataset is walked by :mod:`agent.element_scan`; whatever that cannot walk is read by
-    pydicom instead, so what is accepted or refused, and why, is pydicom's call.
+    The dataset is walked by :mod:`agent.element_scan`. Where that walk fails, the bytes are
+    refused when they contradict themselves (:class:`~agent.element_scan.StructureError`: a
+    declared length past the end of the data, such as Pixel Data declaring 0x7FFFFFF0 bytes;
+    sequences nested too deep; a deflate bomb) or when they are encoded in the other VR
+    encoding than the transfer syntax says (Explicit VR bytes announced as Implicit VR, or
+    the reverse). Whatever else that walk cannot read is read by pydicom instead, so what is
+    accepted or refused, and why, is pydicom's call. The extra checks run only when the walk
+    failed: an ordinary instance costs nothing more.
     """
     try:
         facts = _facts_from_scan(dataset, transfer_syntax_uid)
-    except ScanError:
+    except ScanError as exc:
+        mismatch = _syntax_mismatch(dataset, transfer_syntax_uid)
+        if mismatch is not None:
+            raise Rejection(StoreStatus.CANNOT_PARSE, mismatch) from exc
+        if isinstance(exc, StructureError):
+            raise Rejection(StoreStatus.CANNOT_PARSE, str(exc)) from exc
         facts = _facts_from_pydicom(file_meta + bytes(dataset), transfer_syntax_uid)
     uids = facts.uids
     invalid = [f"{_LABELS[name]} {value!r} is not a valid DICOM UID"
@@ -541,6 +583,15 @@ class _BulkReadSocket(AssociationSocket):
         return buffer
 
 
+CALLING_AE_NOT_RECOGNISED: Final = (0x01, 0x01, 0x03)
+"""A-ASSOCIATE-RJ result, source and reason (PS3.8 9.3.4): rejected-permanent, service-user,
+calling AE title not recognized."""
+CALLED_AE_NOT_RECOGNISED: Final = (0x01, 0x01, 0x07)
+"""... called AE title not recognized."""
+LOCAL_LIMIT_EXCEEDED: Final = (0x02, 0x03, 0x02)
+"""rejected-transient, service-provider (presentation), local-limit-exceeded."""
+
+
 def _command_element(element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, element, len(value)) + value
 
@@ -616,22 +667,54 @@ class _InlineStoreQueue(queue.Queue[Any]):
                              msg.MessageID)
 
 
-class _PromptRequestHandler(RequestHandler):
-    """pynetdicom's request handler, creating :class:`_PromptAssociation` acceptors."""
+class _GuardedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, creating acceptors whose DUL bounds what it reads
+    (:class:`agent.dicom_guard.BoundedDUL`) and, with the pynetdicom series it mirrors,
+    :class:`_PromptAssociation` acceptors. It stays with its connection until the association
+    thread ends, so that the connection's slot is given back then (the server runs it in the
+    connection's thread), and says when a connection ended without associating."""
+
+    server: GuardedAssociationServer
+    prompt: bool = False
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        assoc.__class__ = _PromptAssociation  # same object layout: only the reactor differs
+        if self.prompt:
+            assoc.__class__ = _PromptAssociation  # same object layout: only the reactor differs
+        bound_dul(assoc.dul, self.server.guard)
         return assoc
+
+    def handle(self) -> None:
+        started = time.monotonic()
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        assoc.join()
+        if assoc.requestor.primitive is not None or getattr(assoc.dul, "refused", False):
+            return
+        waited = time.monotonic() - started
+        peer = f"{self.client_address[0]}:{self.client_address[1]}"
+        artim = self.server.guard.limits.artim_timeout_s
+        if waited >= artim:
+            self.server.guard.refused(peer, REASON_ARTIM, f"no A-ASSOCIATE-RQ within {artim:g} s"
+                                      " (ARTIM): connection closed")
+        else:
+            logger.debug("DICOM connection from %s closed by the peer before associating "
+                         "(%.1f s)", peer, waited)
+
+
+class _PromptRequestHandler(_GuardedRequestHandler):
+    prompt = True
 
 
 def _request_handler() -> type[RequestHandler]:
-    """The request handler for the installed pynetdicom (stock outside the mirrored series)."""
+    """The request handler for the installed pynetdicom (pynetdicom's reactor outside the
+    mirrored series)."""
     if pynetdicom.__version__.startswith(_PROMPT_REACTOR_FOR):
         return _PromptRequestHandler
     logger.info("pynetdicom %s: its own association reactor is used (1 ms polling)",
                 pynetdicom.__version__)
-    return RequestHandler
+    return _GuardedRequestHandler
 
 
 class StorageSCP:
@@ -648,8 +731,15 @@ class StorageSCP:
         self._on_stored = on_stored
         self._on_closed = on_closed
         self._ssl = build_ssl_context(settings)
+        self.guard = ConnectionGuard(Limits(
+            max_associations=settings.max_associations,
+            max_associations_per_peer=settings.max_associations_per_peer,
+            artim_timeout_s=settings.artim_timeout_s,
+            tls_handshake_timeout_s=settings.tls_handshake_timeout_s,
+            idle_timeout_s=settings.dicom_idle_timeout_s,
+            max_instance_bytes=settings.max_instance_bytes), self.metrics)
         self._ae = self._make_ae()
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GuardedAssociationServer | None = None
         self._assocs: dict[int, _AssociationStats] = {}
         self._lock = threading.Lock()
 
@@ -658,6 +748,10 @@ class StorageSCP:
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_pdu_size = MAX_PDU_BYTES
+        ae.acse_timeout = self.settings.artim_timeout_s  # ARTIM: waiting for A-ASSOCIATE-RQ
+        ae.network_timeout = self.settings.dicom_idle_timeout_s
+        ae.maximum_associations = self.settings.max_associations  # the guard counts first
+        ae.require_called_aet = self.settings.require_called_ae
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(ACCEPTED_SYNTAXES))
         ae.add_supported_context(Verification)
@@ -690,13 +784,14 @@ class StorageSCP:
         try:
             # AE.start_server(block=False) with a request handler of our own (make_server
             # passes extra keywords to the server class)
-            server = self._ae.make_server(
+            server = cast(GuardedAssociationServer, self._ae.make_server(
                 (self.settings.host, self.settings.port), ssl_context=self._ssl,
-                evt_handlers=handlers, server_class=ThreadedAssociationServer,
-                request_handler=_request_handler())
+                evt_handlers=handlers, server_class=GuardedAssociationServer,
+                request_handler=_request_handler()))
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.settings.host}:{self.settings.port}: "
                               f"{exc}") from exc
+        server.guard = self.guard
         threading.Thread(target=server.serve_forever, daemon=True,
                          name=f"hust19-scp-{self.settings.port}").start()
         self._ae._servers.append(server)  # as start_server does: shutdown() removes it
@@ -754,16 +849,27 @@ class StorageSCP:
 
     def _handle_rejected(self, event: evt.Event) -> None:
         assoc = event.assoc
-        calling = assoc.requestor.ae_title
+        calling = str(assoc.requestor.ae_title).strip()
+        request = assoc.requestor.primitive
+        called = str(getattr(request, "called_ae_title", "") or "").strip()
         peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
         self.metrics.associations.labels(outcome="rejected").inc()
-        if self.settings.allow_ae and calling not in self.settings.allow_ae:
-            logger.warning("association from %s rejected: calling AE %r is not on the "
-                           "allow-list %s (A-ASSOCIATE-RJ permanent, calling AE title not "
-                           "recognized)", peer, calling, self.settings.allow_ae)
-        else:
-            logger.warning("association from %s (calling AE %r, called AE %r) rejected",
-                           peer, calling, assoc.acceptor.ae_title)
+        answer = assoc.acceptor.primitive
+        rsd: tuple[int, int, int] = (int(getattr(answer, "result", 0) or 0),
+                                     int(getattr(answer, "result_source", 0) or 0),
+                                     int(getattr(answer, "diagnostic", 0) or 0))
+        reasons = {
+            CALLING_AE_NOT_RECOGNISED: f"calling AE {calling!r} is not on the allow-list "
+                                       f"{self.settings.allow_ae} (allow_ae)",
+            CALLED_AE_NOT_RECOGNISED: f"called AE {called!r} is not this agent's "
+                                      f"{self.settings.ae_title!r} (require_called_ae)",
+            LOCAL_LIMIT_EXCEEDED: f"more than {self.settings.max_associations} associations "
+                                  "(max_associations)",
+        }
+        why = reasons.get(rsd, f"result {rsd[0]}, source {rsd[1]}, diagnostic {rsd[2]}")
+        self.guard.refused(peer, REASON_ASSOCIATION_REJECTED,
+                           f"A-ASSOCIATE-RJ (calling AE {calling!r}, called AE {called!r}): "
+                           f"{why}")
 
     def _handle_close(self, event: evt.Event) -> None:
         key = id(event.assoc)

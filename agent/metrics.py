@@ -25,6 +25,11 @@ class Metrics:
             ["reason"], registry=r)
         self.associations = Counter(
             "hust19_associations", "DICOM associations by outcome", ["outcome"], registry=r)
+        self.connections_refused = Counter(
+            "hust19_connections_refused",
+            "DICOM connections refused or aborted before or outside an accepted association, "
+            "by reason (limits, TLS handshake, ARTIM, PDU length, instance size, bad PDU, "
+            "A-ASSOCIATE-RJ)", ["reason"], registry=r)
         self.series_completed = Counter(
             "hust19_series_completed", "series-complete events emitted", registry=r)
         self.results = Counter(
@@ -33,6 +38,11 @@ class Metrics:
         self.dlq = Counter("hust19_dlq", "messages sent to the dead-letter topic", registry=r)
         self.sr_sent = Counter(
             "hust19_sr_sent", "SRs stored at a PACS destination", ["destination"], registry=r)
+        self.sr_refused = Counter(
+            "hust19_sr_refused",
+            "SRs a PACS destination refused for good (failure status or association rejected "
+            "permanently): sent to the dead-letter topic, not retried", ["destination", "reason"],
+            registry=r)
         self.spool_depth = Gauge(
             "hust19_spool_depth", "instances in the spool not yet published to the bus",
             registry=r)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from agent.cli import setup_logging
 from agent.config import Settings, load_settings
@@ -43,6 +44,27 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--http-port", type=int, help="port of /healthz /readyz /metrics")
     g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     g.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    taken = {action.dest for action in parser._actions}
+    for name, field in Settings.model_fields.items():
+        if name not in taken:  # every other setting: its flag from its type
+            g.add_argument(f"--{name.replace('_', '-')}", help=field.description,
+                           **_flag_type(field.annotation))
+
+
+def _flag_type(annotation: Any) -> dict[str, Any]:
+    """argparse keywords for a setting of type ``annotation`` (``X | None`` read as X)."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+        annotation = args[0]
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction, "default": None}
+    if get_origin(annotation) is Literal:
+        return {"choices": list(get_args(annotation))}
+    if get_origin(annotation) is list:
+        return {"action": "append"}
+    if annotation in (int, float, Path):
+        return {"type": annotation}
+    return {"type": str}
 
 
 def settings_from_args(args: argparse.Namespace, *, configure_logging: bool = True) -> Settings:
