@@ -110,7 +110,8 @@ class Agent:
                                    pool_file_bytes=s.spool_pool_file_bytes)
                 removed = self.spool.recover()
                 pending = self.spool.pending_count()
-                self.tracker = SeriesTracker(self.spool, s.series_quiet_s, s.series_max_quiet_s)
+                self.tracker = SeriesTracker(self.spool, s.series_quiet_s, s.series_max_quiet_s,
+                                             aborted_quiet_s=s.series_aborted_quiet_s)
                 self.outbox = Outbox(self.spool, self.bus, self.tracker, self.metrics,
                                      retention_s=s.spool_retention_h * SECONDS_PER_HOUR)
                 self.scp = StorageSCP(s, self.spool, on_stored=self._stored,

@@ -485,8 +485,9 @@ class _AssociationStats:
 
 StoredCallback = Callable[[int, InstanceInfo, StoreOutcome], None]
 """Called after an instance is durably spooled: (association key, instance, outcome)."""
-ClosedCallback = Callable[[int, float], None]
-"""Called when an association's connection closes: (association key, time)."""
+ClosedCallback = Callable[[int, float, bool], None]
+"""Called when an association's connection closes: (association key, time, whether it ended
+otherwise than by a release: aborted by either side, or the connection lost)."""
 
 
 REACTOR_CHECK_S: Final = 0.001
@@ -526,9 +527,11 @@ class _PromptAssociation(Association):
             if msg:
                 self._serve_request(msg, cast(int, context_id))
             if self.is_established and self.acse.is_release_requested():
+                # released before the A-RELEASE-RP goes out (pynetdicom sets it after), so
+                # that the connection-closed handler never sees a release as an abort
+                self.is_released = True
                 self.acse.send_release(is_response=True)
                 logger.debug("association released by the peer")
-                self.is_released = True
                 self.is_established = False
                 evt.trigger(self, evt.EVT_RELEASED, {})
                 self.kill()
@@ -878,13 +881,14 @@ class StorageSCP:
         if stats is None:
             return
         self.metrics.associations.labels(outcome="accepted").inc()
-        logger.info("audit: association from %s (%s) accepted and closed: %d stored, "
+        aborted = not event.assoc.is_released
+        logger.info("audit: association from %s (%s) accepted and %s: %d stored, "
                     "%d duplicate, %d failed; series %s", stats.calling_ae, stats.peer,
-                    stats.stored, stats.duplicates, stats.failed,
-                    ", ".join(sorted(stats.series)) or "-")
+                    "aborted or lost" if aborted else "released", stats.stored,
+                    stats.duplicates, stats.failed, ", ".join(sorted(stats.series)) or "-")
         if self._on_closed is not None:
             with _suppress_logged("association-closed callback"):
-                self._on_closed(key, time.time())
+                self._on_closed(key, time.time(), aborted)
 
     def _stats(self, event: evt.Event) -> _AssociationStats:
         key = id(event.assoc)

@@ -9,13 +9,23 @@ A series is complete when
   open for hours),
 
 and, in both cases, every instance of it is on the bus: the event must follow its instances
-on the same key. A late instance after completion reopens the series; it completes again with
+on the same key.
+
+A series whose last association was *aborted* (the sender crashed, the network broke, the
+agent aborted it at shutdown), or that was still open when the agent stopped (after a restart
+nobody knows how its association ended), may be resent: a partial series completed now would
+be triaged once now and again after the resend. Such a series completes only when quiet for
+``aborted_quiet_s`` (``Settings.series_aborted_quiet_s``) with no association open (reason
+``max_quiet``: the event schema has no other word for it); an association that sends it again
+and is released puts it back under the ordinary rule.
+
+A late instance after completion reopens the series; it completes again with
 ``generation`` + 1 and the new count (downstream handles the repeat idempotently).
 
 What must survive a restart lives in the spool index (table ``series``: counts, first/last
 receive time, the generation and count of the last event sent). Which associations are open is
-kept in memory only: after a restart none is, so a series left open is judged by its last
-receive time alone.
+kept in memory only: after a restart none is, so a series left open counts as interrupted
+(``aborted_quiet_s`` from its last receive time).
 
 The tracker only decides; :class:`agent.outbox.Outbox` publishes the events it returns from
 :meth:`SeriesTracker.due` and then calls :meth:`SeriesTracker.completed`.
@@ -47,15 +57,25 @@ class SeriesTracker:
     closed associations, the outbox thread asks what is due)."""
 
     def __init__(self, spool: Spool, quiet_s: float, max_quiet_s: float, *,
+                 aborted_quiet_s: float | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.spool = spool
         self.quiet_s = quiet_s
         self.max_quiet_s = max_quiet_s
+        self.aborted_quiet_s = max(quiet_s, max_quiet_s if aborted_quiet_s is None
+                                   else aborted_quiet_s)
         self._clock = clock
         self._lock = threading.Lock()
         self._open_assocs: dict[str, set[int]] = {}  # series -> associations still open
         self._assoc_series: dict[int, set[str]] = {}  # association -> series it sent
         self._released_at: dict[str, float] = {}  # series -> when its last assoc closed
+        self._aborted: set[str] = {state.series_uid for state in spool.open_series()}
+        """Series whose last association was aborted, or open when the agent stopped."""
+        if self._aborted:
+            logger.info("%d series were open when the agent stopped; each completes once "
+                        "quiet for %.0f s (series_aborted_quiet_s) unless it is sent again: "
+                        "%s", len(self._aborted), self.aborted_quiet_s,
+                        ", ".join(sorted(self._aborted)[:10]))
 
     # -- reports from the SCP ------------------------------------------------------------
 
@@ -65,10 +85,19 @@ class SeriesTracker:
             self._open_assocs.setdefault(info.series_uid, set()).add(assoc_key)
             self._assoc_series.setdefault(assoc_key, set()).add(info.series_uid)
 
-    def association_closed(self, assoc_key: int, closed_at: float) -> None:
-        """The association ended (released, aborted or connection lost)."""
+    def association_closed(self, assoc_key: int, closed_at: float,
+                           aborted: bool = False) -> None:
+        """The association ended: released, or (``aborted``) aborted or connection lost."""
         with self._lock:
             for series_uid in self._assoc_series.pop(assoc_key, set()):
+                if aborted:
+                    if series_uid not in self._aborted:
+                        logger.info("series %s: its association was aborted; it completes "
+                                    "once quiet for %.0f s unless it is sent again",
+                                    series_uid, self.aborted_quiet_s)
+                    self._aborted.add(series_uid)
+                else:
+                    self._aborted.discard(series_uid)
                 assocs = self._open_assocs.get(series_uid)
                 if assocs is None:
                     continue
@@ -84,6 +113,9 @@ class SeriesTracker:
         with self._lock:
             open_assocs = bool(self._open_assocs.get(state.series_uid))
             released_at = self._released_at.get(state.series_uid, state.last_received_at)
+            aborted = state.series_uid in self._aborted
+        if aborted and not open_assocs:
+            return "max_quiet" if quiet >= self.aborted_quiet_s else None
         if quiet >= self.max_quiet_s:
             return "max_quiet"
         if not open_assocs and now - max(released_at, state.last_received_at) >= self.quiet_s:
@@ -120,6 +152,7 @@ class SeriesTracker:
                                          event.instance_count, event.completed_at.timestamp())
         with self._lock:
             self._released_at.pop(event.series_uid, None)
+            self._aborted.discard(event.series_uid)
         logger.info("study %s series %s complete (generation %d, %d instances, %s)",
                     event.study_uid, event.series_uid, event.generation, event.instance_count,
                     event.reason)

@@ -17,7 +17,7 @@ from agent.spool import InstanceInfo, Spool, StoreOutcome
 from schemas import topics
 from schemas.messages import SeriesEvent
 from tests.agent.test_ingest import SAMPLE, read_topic
-from tests.fixtures.dicom import run_storescu
+from tests.fixtures.dicom import run_storescu, wait_for
 
 
 def _info(series: str, sop: str, at: float) -> InstanceInfo:
@@ -75,8 +75,8 @@ def test_series_event_once_then_late_instance_regenerates(
     instances = read_topic(agent.bus, topics.DICOM_INSTANCES, 30, timeout_s=1)
     assert all(m.timestamp_ms <= int(event.completed_at.timestamp() * 1000) + 1
                for m in instances)
-    time.sleep(1.5)  # still quiet: no second event
-    assert len(read_topic(agent.bus, topics.DICOM_SERIES, 1, timeout_s=0.5)) == 1
+    assert agent.tracker is not None
+    assert agent.tracker.due(now=time.time() + 3600) == []  # completed: never due again
 
     late = dcmread(files[0])
     late.SOPInstanceUID = generate_uid()
@@ -89,13 +89,15 @@ def test_series_event_once_then_late_instance_regenerates(
     # restart: completion state survives, nothing is re-emitted
     agent.stop()
     again = running_agent(data_dir=data_dir, series_quiet_s=0.5)
-    time.sleep(1.5)
+    assert again.tracker is not None and again.tracker.due(now=time.time() + 3600) == []
     assert len(read_topic(again.bus, topics.DICOM_SERIES, 2, timeout_s=0.5)) == 2
 
 
 def test_open_series_completes_after_restart(running_agent: Callable[..., Agent],
                                              tmp_path: Path) -> None:
-    """Received before a stop, not yet complete: completes after the restart, once."""
+    """Received before a stop, not yet complete: after the restart it counts as interrupted
+    (it may be resent), so it waits series_aborted_quiet_s, not series_quiet_s; then it
+    completes, once."""
     files = sorted(SAMPLE.glob("*.dcm"))[:5]
     data_dir = tmp_path / "data"
     agent = running_agent(data_dir=data_dir, series_quiet_s=30.0)
@@ -105,6 +107,69 @@ def test_open_series_completes_after_restart(running_agent: Callable[..., Agent]
     assert not bus.topic_exists(topics.DICOM_SERIES) or \
         bus.log(topics.DICOM_SERIES).refresh() == 0
     bus.close()
-    restarted = running_agent(data_dir=data_dir, series_quiet_s=0.5)
+    restarted = running_agent(data_dir=data_dir, series_quiet_s=0.5,
+                              series_aborted_quiet_s=2.0)
+    assert restarted.tracker is not None
+    last = restarted.spool.open_series()[0].last_received_at if restarted.spool else 0.0
+    assert restarted.tracker.due(now=last + 1.0) == []  # past series_quiet_s: still waits
     (event,) = _series_events(restarted, 1)
     assert event.instance_count == 5 and event.generation == 1
+
+
+def test_tracker_holds_an_aborted_series_until_its_resend_is_released(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    tracker = SeriesTracker(spool, quiet_s=2.0, max_quiet_s=10.0, aborted_quiet_s=60.0)
+    for i in range(3):
+        info = _info("1.2.3.4", f"1.2.3.4.{i}", 100.0 + i)
+        spool.store(info, [b"x" * 10])
+        tracker.instance_stored(7, info, StoreOutcome.STORED)
+    tracker.association_closed(7, 103.0, aborted=True)
+    spool.mark_published([p.id for p in spool.pending()])
+    assert tracker.due(now=110.0) == []  # past quiet_s and max_quiet_s: waits for a resend
+    # the sender resends everything (duplicates) and the rest, then releases
+    for i in range(5):
+        info = _info("1.2.3.4", f"1.2.3.4.{i}", 120.0 + i)
+        outcome = spool.store(info, [b"x" * 10])
+        tracker.instance_stored(8, info, outcome)
+    tracker.association_closed(8, 125.0)
+    spool.mark_published([p.id for p in spool.pending()])
+    assert tracker.due(now=126.0) == []
+    (event,) = tracker.due(now=127.5)
+    assert (event.reason, event.instance_count) == ("quiet_after_release", 5)
+    tracker.completed(event)
+    # never resent: completes once quiet for aborted_quiet_s
+    info = _info("1.2.3.9", "1.2.3.9.1", 200.0)
+    spool.store(info, [b"x"])
+    tracker.instance_stored(9, info, StoreOutcome.STORED)
+    tracker.association_closed(9, 200.5, aborted=True)
+    spool.mark_published([p.id for p in spool.pending()])
+    assert tracker.due(now=259.0) == []
+    (late,) = tracker.due(now=260.5)
+    assert (late.series_uid, late.reason, late.instance_count) == ("1.2.3.9", "max_quiet", 1)
+    spool.close()
+
+
+def test_an_aborted_then_resent_series_completes_once_with_every_instance(
+        running_agent: Callable[..., Agent]) -> None:
+    """Issue 20, item 6: a sender aborted after 10 of 30 instances and sent the series again
+    on a new association: one completion event, counting 30 (was: one for the 10 after the
+    quiet time, another after the resend)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    files = sorted(SAMPLE.glob("*.dcm"))
+    agent = running_agent(series_quiet_s=0.5, series_aborted_quiet_s=60.0)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", agent.port, ae_title="HUST19")
+    for path in files[:10]:
+        assert assoc.send_c_store(path).Status == 0
+    assoc.abort()
+    assert agent.spool is not None and agent.tracker is not None
+    wait_for(lambda: agent.spool is not None and agent.spool.pending_count() == 0,
+             "the 10 instances on the bus")
+    assert agent.tracker.due(now=time.time() + 30) == []  # held: waits for the resend
+    assert run_storescu(files, agent.port, "HUST19").returncode == 0
+    (event,) = _series_events(agent, 1)
+    assert event.instance_count == 30 and event.reason == "quiet_after_release"
+    assert agent.tracker.due(now=time.time() + 3600) == []
