@@ -124,29 +124,32 @@ class LungMeasurements(_Message):
     """Quantitative CT of one lung, or of both: volume and the share of each density pattern.
 
     Percentages are of this lung's volume. ``involvement_percent`` is ground glass plus
-    consolidation after vessel and airway-wall suppression (see ``docs/models/quantitative.md``
-    for the bands and their sources)."""
+    consolidation that belongs to opacities (vessels, airway walls and lung surfaces
+    suppressed; ``docs/models/quantitative.md`` has the bands and their sources). A figure is
+    None when the series cannot give it: no volume when the series does not cover the whole
+    lung or has gaps, no pattern shares when the slices are too thick (``QuantitativeCt``
+    ``warnings`` says which)."""
 
-    volume_ml: float = Field(ge=0.0)
+    volume_ml: float | None = Field(None, ge=0.0)
     mean_hu: float | None = None
-    well_aerated_percent: float = Field(ge=0.0, le=100.0)
-    ground_glass_percent: float = Field(ge=0.0, le=100.0)
-    consolidation_percent: float = Field(ge=0.0, le=100.0)
-    involvement_percent: float = Field(ge=0.0, le=100.0)
+    well_aerated_percent: float | None = Field(None, ge=0.0, le=100.0)
+    ground_glass_percent: float | None = Field(None, ge=0.0, le=100.0)
+    consolidation_percent: float | None = Field(None, ge=0.0, le=100.0)
+    involvement_percent: float | None = Field(None, ge=0.0, le=100.0)
 
 
 class QuantitativeCt(_Message):
     """Quantitative lung CT of the series in Hounsfield units.
 
     ``severity`` is the CT severity category of the involvement (CT-0 none, CT-1 < 25 %,
-    CT-2 25-50 %, CT-3 50-75 %, CT-4 >= 75 %); ``warnings`` name what limits the numbers
-    (gaps, partial coverage) without making them wrong."""
+    CT-2 25-50 %, CT-3 50-75 %, CT-4 >= 75 %), None when involvement was not measured;
+    ``warnings`` name what limits the numbers (gaps, partial coverage, thick slices)."""
 
     method: str
     lungs: LungMeasurements
-    left: LungMeasurements | None = None
     right: LungMeasurements | None = None
-    severity: Literal["CT-0", "CT-1", "CT-2", "CT-3", "CT-4"]
+    left: LungMeasurements | None = None
+    severity: Literal["CT-0", "CT-1", "CT-2", "CT-3", "CT-4"] | None = None
     slices_with_lung: int = Field(ge=0)
     slice_spacing_mm: float | None = None
     warnings: list[str] = Field(default_factory=list)
