@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Final, Protocol
 
 from agent.bus import Bus, open_bus
 from agent.config import Settings
 from agent.durable import free_bytes
-from agent.http import HealthServer
+from agent.http import HealthServer, ReadinessCheck
 from agent.ingest import StorageSCP
 from agent.metrics import Metrics
 from agent.outbox import Outbox
@@ -39,7 +38,7 @@ from schemas.errors import EngineError
 
 if TYPE_CHECKING:
     from agent.lis import LisClient
-    from agent.pacs import PacsSender
+    from agent.pacs import BusDeadLetters, PacsSender
     from agent.worker import TriageWorker
 
 logger = logging.getLogger(__name__)
@@ -86,6 +85,7 @@ class Agent:
         self.pacs: PacsSender | None = None
         self.lis: LisClient | None = None
         self.http: HealthServer | None = None
+        self._dead_letters: BusDeadLetters | None = None
         self._extra: list[Component] = []
         self._started = False
 
@@ -135,11 +135,13 @@ class Agent:
 
     def _start_worker(self) -> None:
         from agent.lis import open_lis
-        from agent.pacs import PacsSender
+        from agent.pacs import BusDeadLetters, PacsSender
         from agent.worker import TriageModels, TriageWorker
 
         s = self.settings
-        self.pacs = PacsSender.from_settings(s, metrics=self.metrics)
+        self._dead_letters = BusDeadLetters(self.bus, self.metrics)
+        self.pacs = PacsSender.from_settings(s, metrics=self.metrics,
+                                             dead_letter=self._dead_letters)
         self.pacs.start()
         self.lis = open_lis(s)
         models = TriageModels.load(s.backend)
@@ -150,18 +152,18 @@ class Agent:
                     ", ".join(map(str, s.pacs)) or "none (SRs are built but not sent)",
                     s.threshold, models.backend_name)
 
-    def _checks(self) -> dict[str, Callable[[], None]]:
+    def _checks(self) -> dict[str, ReadinessCheck]:
         """Readiness checks for ``/readyz``: each raises when its dependency is not usable."""
-        checks: dict[str, Callable[[], None]] = {"bus": self.bus.ping}
+        checks: dict[str, ReadinessCheck] = {"bus": self.bus.ping}
         if self.spool is not None:
             checks["spool"] = self._check_spool
         if self.lis is not None:
             checks["lis"] = self.lis.ping
         if self.pacs is not None:
-            from agent.pacs import echo
+            from agent.pacs import verify
 
-            for dest in self.settings.pacs:
-                checks[f"pacs {dest}"] = partial(echo, dest, self.settings.ae_title,
+            for dest in self.settings.pacs:  # takes our AE title and the SR SOP class
+                checks[f"pacs {dest}"] = partial(verify, dest, self.settings.ae_title,
                                                  timeout_s=READY_ECHO_TIMEOUT_S)
         if ROLE_WORKER in self.roles:
             checks["models"] = self._check_models
@@ -234,6 +236,9 @@ class Agent:
             logger.info("PACS sender stopped; %d deliveries pending for the next start",
                         self.pacs.pending_count())
             self.pacs = None
+        if self._dead_letters is not None:
+            self._dead_letters.close()
+            self._dead_letters = None
         if self.lis is not None:
             self.lis.close()
             self.lis = None

@@ -158,17 +158,17 @@ def _lis(settings: Settings) -> Finding:
 
 
 def _pacs(settings: Settings) -> list[Finding]:
-    from agent.pacs import echo
+    """Each destination accepts our AE title with the SR SOP class (not only C-ECHO)."""
+    from agent.pacs import verify
 
     if not settings.pacs:
         return [Finding("pacs", "warn", "no --pacs destination: SRs will not be sent anywhere")]
     out = []
     for dest in settings.pacs:
         try:
-            echo(dest, settings.ae_title)
-            out.append(Finding(f"pacs {dest}", "ok", "C-ECHO answered Success"))
+            out.append(Finding(f"pacs {dest}", "ok", verify(dest, settings.ae_title)))
         except Hust19Error as exc:
-            out.append(Finding(f"pacs {dest}", "fail", f"C-ECHO failed: {exc.message}"))
+            out.append(Finding(f"pacs {dest}", "fail", exc.message))
     return out
 
 

@@ -21,7 +21,8 @@ from schemas.errors import Hust19Error
 
 log = logging.getLogger(__name__)
 
-ReadinessCheck = Callable[[], None]
+ReadinessCheck = Callable[[], object]
+"""Raises when its dependency is not usable; what it returns is ignored."""
 
 
 class HealthServer:

@@ -19,25 +19,45 @@ Delivery is at-least-once: if the PACS stored the SR but its response was lost, 
 again. Exactly-once at the PACS is impossible in general; the resend carries the *same* SOP
 Instance UID (derived deterministically, see :mod:`agent.uids`), so the PACS files it once.
 
-Failures (destination down, association rejected or aborted, a failure status) leave the
-marker in place and put that destination into exponential backoff (``retry_base_s`` doubled
-per consecutive failed pass, capped at ``retry_max_s``); other destinations are not held up.
+Failures are of two kinds:
+
+* **Transient** (destination down or not answering, association aborted or rejected
+  *transiently*, a C-STORE answered Out of Resources 0xA7xx, Processing Failure 0x0110 or
+  Resource Limitation 0x0213): the marker stays and that destination goes into exponential
+  backoff (``retry_base_s`` doubled per consecutive failed pass, capped at ``retry_max_s``,
+  at most :data:`MAX_RETRY_S` = 30 s); other destinations are not held up. While a
+  destination that could not be reached at all is in backoff, a TCP connect probes it every
+  :data:`PROBE_INTERVAL_S`: as soon as it answers, the pending SRs go at once instead of at
+  the end of the backoff.
+* **Permanent** (association rejected *permanently*, e.g. our AE title is not in the PACS's
+  list; the PACS accepts no Comprehensive SR presentation context; any other failure status,
+  e.g. 0x0124 Not Authorised, 0xA9xx, 0xCxxx): no amount of retrying helps. The SR goes to
+  the dead-letter topic (``triage.dlq``, through the ``dead_letter`` callback) with the reason,
+  a copy is kept under ``refused/<destination key>/`` (with a ``.json`` saying why) for a
+  resend by hand once the PACS is fixed, the marker is removed and
+  ``hust19_sr_refused{destination,reason}`` counts it.
+
 Every refusal is logged with the destination, the reason in words and the SR and study UIDs.
+:func:`verify` (``hust19 doctor``, ``/readyz``) checks what a C-ECHO cannot: that the PACS
+accepts an association from our AE title proposing Comprehensive SR Storage, and takes that
+presentation context.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import socket
 import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -50,7 +70,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, Association, evt
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComprehensiveSRStorage,
+    Verification,
+)
 from pynetdicom.status import (
     STATUS_SUCCESS,
     STATUS_WARNING,
@@ -62,7 +85,9 @@ from agent.config import PacsDestination, Settings
 from agent.durable import atomic_write, fsync_dir
 from agent.metrics import STAGE_SR_SEND, Metrics
 from agent.uids import is_valid_uid
-from schemas.errors import InputError, PacsError
+from schemas import topics
+from schemas.errors import Hust19Error, InputError, PacsError
+from schemas.messages import DeadLetter
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +96,23 @@ TRANSFER_SYNTAXES: Final = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 DEFAULT_TIMEOUT_S: Final = 30.0
 DEFAULT_RETRY_BASE_S: Final = 2.0
-DEFAULT_RETRY_MAX_S: Final = 300.0
+MAX_RETRY_S: Final = 30.0
+"""The backoff between delivery attempts never exceeds this (issue 20: a PACS back after 90 s
+down got its SR 37 s later with a 300 s cap)."""
+DEFAULT_RETRY_MAX_S: Final = MAX_RETRY_S
 DEFAULT_POLL_S: Final = 5.0
+PROBE_INTERVAL_S: Final = 1.0
+"""How often a destination that could not be reached is probed (TCP connect) while in
+backoff."""
+PROBE_TIMEOUT_S: Final = 1.0
+SR_SOP_CLASS: Final = str(ComprehensiveSRStorage)
+"""Comprehensive SR Storage (1.2.840.10008.5.1.4.1.1.88.33): what :mod:`agent.sr` writes."""
+TRANSIENT_STATUSES: Final = frozenset({0x0110, 0x0213})
+"""Failure statuses retried (besides 0xA7xx Out of Resources): Processing Failure, Resource
+Limitation. Any other failure status is a permanent refusal."""
+OUT_OF_RESOURCES_MASK: Final = 0xFF00
+OUT_OF_RESOURCES: Final = 0xA700
+REJECTED_PERMANENT: Final = 0x01
 
 OUTBOX_SUBDIR: Final = "sr-outbox"
 """The outbox folder under ``Settings.data_dir``."""
@@ -80,6 +120,8 @@ OBJECTS_DIR: Final = "objects"
 PENDING_DIR: Final = "pending"
 TMP_DIR: Final = "tmp"
 CORRUPT_DIR: Final = "corrupt"
+REFUSED_DIR: Final = "refused"
+"""Copies of the SRs a destination refused for good, per destination, each with its reason."""
 OBJECT_SUFFIX: Final = ".dcm"
 MARKER_SUFFIX: Final = ".json"
 
@@ -121,6 +163,45 @@ def is_delivered(code: int) -> bool:
             or code == DimseStatus.DUPLICATE_SOP_INSTANCE)
 
 
+def is_transient(code: int) -> bool:
+    """Whether a failure status is worth retrying (the PACS is short of something for now)."""
+    return (code & OUT_OF_RESOURCES_MASK) == OUT_OF_RESOURCES or code in TRANSIENT_STATUSES
+
+
+DeadLetterSink = Callable[[DeadLetter], None]
+"""Publishes a dead letter durably (raises :class:`Hust19Error` if it could not)."""
+
+
+class BusDeadLetters:
+    """A :data:`DeadLetterSink` onto ``triage.dlq`` of a bus (one producer, made when first
+    needed; flushed per entry)."""
+
+    def __init__(self, bus: Any, metrics: Metrics | None = None) -> None:
+        self._bus = bus
+        self._metrics = metrics
+        self._producer: Any = None
+        self._lock = threading.Lock()
+
+    def __call__(self, entry: DeadLetter) -> None:
+        from schemas.messages import dump_json
+
+        with self._lock:
+            if self._producer is None:
+                self._producer = self._bus.producer()
+            self._producer.send(topics.TRIAGE_DLQ, (entry.key or "").encode() or None,
+                                dump_json(entry), [(topics.H_SCHEMA, entry.schema_.encode())])
+            self._producer.flush()
+        if self._metrics is not None:
+            self._metrics.dlq.inc()
+
+    def close(self) -> None:
+        with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Hust19Error):
+                producer.close()
+
+
 def destination_key(dest: PacsDestination) -> str:
     """A directory name for ``dest``, readable and collision-free (AE titles may hold spaces)."""
     safe = re.sub(r"[^A-Za-z0-9.-]", "_", f"{dest.host}_{dest.port}_{dest.ae_title.strip()}")
@@ -144,12 +225,19 @@ class _Delivery:
 class _Backoff:
     failures: int = 0
     next_attempt: float = 0.0
+    unreachable: bool = False
+    """The last failure was no connection at all: probe while waiting."""
 
 
 class _AssociationFailed(Exception):
-    """Internal: the association could not be set up or broke down (reason in words)."""
+    """Internal: the association could not be set up or broke down (reason in words);
+    ``permanent`` when retrying cannot help, ``unreachable`` when nothing answered."""
 
-
+    def __init__(self, reason: str, *, permanent: bool = False,
+                 unreachable: bool = False) -> None:
+        super().__init__(reason)
+        self.permanent = permanent
+        self.unreachable = unreachable
 
 
 @contextlib.contextmanager
@@ -174,7 +262,10 @@ def _associate(dest: PacsDestination, calling_ae: str, abstract_syntaxes: list[s
     except (OSError, RuntimeError, ValueError) as exc:
         raise _AssociationFailed(f"cannot associate: {exc}") from exc
     if not assoc.is_established:
-        raise _AssociationFailed(_why_not_established(assoc, heard, abstract_syntaxes))
+        reason = _why_not_established(assoc, heard, abstract_syntaxes)
+        permanent = any(isinstance(p, A_ASSOCIATE) and p.result == REJECTED_PERMANENT
+                        for p in heard) or reason.startswith("association accepted but")
+        raise _AssociationFailed(reason, permanent=permanent, unreachable=not heard)
     try:
         yield assoc
     finally:
@@ -221,13 +312,16 @@ class PacsSender:
                  retry_base_s: float = DEFAULT_RETRY_BASE_S,
                  retry_max_s: float = DEFAULT_RETRY_MAX_S,
                  timeout_s: float = DEFAULT_TIMEOUT_S, poll_s: float = DEFAULT_POLL_S,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 dead_letter: DeadLetterSink | None = None) -> None:
         if not 1 <= len(calling_ae.strip()) <= 16:
             raise InputError(f"calling AE title {calling_ae!r} must be 1-16 characters")
-        if retry_base_s <= 0 or retry_max_s < retry_base_s:
-            raise InputError(f"retry backoff {retry_base_s}..{retry_max_s} s is not usable")
+        if retry_base_s <= 0 or retry_max_s < retry_base_s or retry_max_s > MAX_RETRY_S:
+            raise InputError(f"retry backoff {retry_base_s}..{retry_max_s} s is not usable "
+                             f"(at most {MAX_RETRY_S:g} s)")
         self._destinations = list(dict.fromkeys(destinations))
         self._metrics = metrics
+        self._dead_letter = dead_letter
         self._outbox = Path(outbox_dir)
         self._calling_ae = calling_ae
         self._tls_context = tls_context
@@ -366,15 +460,61 @@ class PacsSender:
         return _associate(dest, self._calling_ae, abstract_syntaxes,
                           tls_context=self._tls_context, timeout_s=self._timeout_s)
 
-    def _send_to(self, dest: PacsDestination, deliveries: list[_Delivery]) -> tuple[int, int]:
-        """One association with ``dest`` for ``deliveries``; returns (stored, failed)."""
+    def _refuse(self, dest: PacsDestination, delivery: _Delivery, reason: str,
+                label: str) -> bool:
+        """A permanent refusal: dead letter with the reason, a copy under ``refused/``, the
+        marker removed, the metric counted. ``False`` (the marker stays, retried next pass)
+        when the dead letter could not be published."""
+        uid, study = delivery.sop_instance_uid, delivery.study_uid
+        text = (f"PACS {dest} refused SR {uid} (study {study}, series {delivery.series_uid}) "
+                f"for good: {reason}")
+        try:
+            data = self._object_path(uid).read_bytes()
+        except FileNotFoundError:
+            self._mark_done(dest, delivery)  # superseded and cleaned meanwhile
+            return True
+        if self._dead_letter is not None:
+            try:
+                self._dead_letter(DeadLetter(
+                    reason=text, error_type=PacsError.__name__, source_topic=OUTBOX_SUBDIR,
+                    source_partition=-1, source_offset=-1, key=delivery.series_uid or None,
+                    headers={"destination": str(dest), "sop_instance_uid": uid,
+                             "sop_class_uid": delivery.sop_class_uid},
+                    value_b64=base64.b64encode(data).decode(), study_uid=study,
+                    series_uid=delivery.series_uid or None, failed_at=datetime.now(UTC)))
+            except Hust19Error as exc:
+                logger.error("%s; the dead letter could not be published (%s): kept pending, "
+                             "tried again", text, exc.message)
+                return False
+        folder = self._outbox / REFUSED_DIR / destination_key(dest)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = self._outbox / TMP_DIR
+        atomic_write(folder / f"{uid}{OBJECT_SUFFIX}", data, tmp)
+        atomic_write(folder / f"{uid}{MARKER_SUFFIX}", json.dumps({
+            "destination": str(dest), "sop_instance_uid": uid, "study_uid": study,
+            "series_uid": delivery.series_uid, "reason": reason,
+            "refused_at": datetime.now(UTC).isoformat()}).encode(), tmp)
+        logger.error("%s: sent to %s, a copy kept in %s (resend it by hand once the PACS is "
+                     "fixed)", text, topics.TRIAGE_DLQ if self._dead_letter else "no "
+                     "dead-letter topic", folder)
+        self._mark_done(dest, delivery)
+        if self._metrics is not None:
+            self._metrics.sr_refused.labels(destination=str(dest), reason=label).inc()
+        return True
+
+    def _send_to(self, dest: PacsDestination,
+                 deliveries: list[_Delivery]) -> tuple[int, int, bool]:
+        """One association with ``dest`` for ``deliveries``; returns (stored, failed, whether
+        the failure was that nothing answered)."""
         stored = failed = 0
+        handled: set[str] = set()
         syntaxes = sorted({d.sop_class_uid for d in deliveries})
         try:
             with self._associate(dest, syntaxes) as assoc:
                 for delivery in deliveries:
                     if not assoc.is_established:
                         raise _AssociationFailed("association dropped during the transfer")
+                    handled.add(delivery.sop_instance_uid)
                     key = (dest, delivery.sop_instance_uid)
                     self._attempts[key] = attempt = self._attempts.get(key, 0) + 1
                     try:
@@ -389,9 +529,10 @@ class PacsSender:
                     try:
                         status = assoc.send_c_store(ds)
                     except (ValueError, RuntimeError) as exc:  # no context for this class
-                        logger.error("PACS %s refused SR %s (study %s), attempt %d: %s", dest,
-                                     delivery.sop_instance_uid, delivery.study_uid, attempt, exc)
-                        failed += 1
+                        if not self._refuse(dest, delivery, f"no accepted presentation "
+                                            f"context for SOP class {delivery.sop_class_uid}"
+                                            f" ({exc})", "sop_class_not_accepted"):
+                            failed += 1
                         continue
                     if "Status" not in status:
                         raise _AssociationFailed(
@@ -410,21 +551,31 @@ class PacsSender:
                             self._metrics.stage_seconds.labels(stage=STAGE_SR_SEND).observe(
                                 time.perf_counter() - started)
                     else:
-                        failed += 1
                         comment = status.get("ErrorComment", "")
-                        logger.error("PACS %s refused SR %s (study %s), attempt %d: %s%s",
-                                     dest, delivery.sop_instance_uid, delivery.study_uid,
-                                     attempt, status_meaning(code),
-                                     f" ({comment})" if comment else "")
+                        why = f"{status_meaning(code)}{f' ({comment})' if comment else ''}"
+                        if not is_transient(code):
+                            if not self._refuse(dest, delivery, why, f"0x{code:04X}"):
+                                failed += 1
+                            continue
+                        failed += 1
+                        logger.error("PACS %s refused SR %s (study %s), attempt %d: %s; "
+                                     "retried", dest, delivery.sop_instance_uid,
+                                     delivery.study_uid, attempt, why)
         except _AssociationFailed as exc:
-            left = len(deliveries) - stored - failed
-            failed += left
+            left = [d for d in deliveries if d.sop_instance_uid not in handled]
+            if exc.permanent:
+                for delivery in left:
+                    if not self._refuse(dest, delivery, str(exc), "association_rejected"):
+                        failed += 1
+                return stored, failed, False
+            failed += len(left)
             uids = ", ".join(f"SR {d.sop_instance_uid} (study {d.study_uid})"
-                             for d in deliveries[:5])
-            more = f" and {len(deliveries) - 5} more" if len(deliveries) > 5 else ""
-            logger.error("PACS %s: %s; %d SR(s) stay pending: %s%s", dest, exc, left, uids,
-                         more)
-        return stored, failed
+                             for d in left[:5])
+            more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+            logger.error("PACS %s: %s; %d SR(s) stay pending: %s%s", dest, exc, len(left),
+                         uids, more)
+            return stored, failed, exc.unreachable
+        return stored, failed, False
 
     def send_pending_once(self, *, respect_backoff: bool = False) -> int:
         """One pass over every destination with pending SRs (one association each); returns
@@ -442,29 +593,60 @@ class PacsSender:
             deliveries = self._deliveries(dest)
             if not deliveries:
                 continue
-            stored, failed = self._send_to(dest, deliveries)
+            stored, failed, unreachable = self._send_to(dest, deliveries)
             delivered += stored
             if failed:
                 backoff.failures += 1
+                backoff.unreachable = unreachable
                 delay = min(self._retry_max_s,
                             self._retry_base_s * 2 ** min(backoff.failures - 1, 32))
                 backoff.next_attempt = time.monotonic() + delay
                 logger.warning("PACS %s: %d SR(s) pending, next attempt in %.1f s "
-                               "(failure %d in a row)", dest, failed, delay, backoff.failures)
+                               "(failure %d in a row)%s", dest, failed, delay, backoff.failures,
+                               f"; probing every {PROBE_INTERVAL_S:g} s meanwhile"
+                               if unreachable else "")
             else:
                 backoff.failures = 0
                 backoff.next_attempt = 0.0
+                backoff.unreachable = False
         return delivered
+
+    def _has_pending(self, dest: PacsDestination) -> bool:
+        return any(self._pending_dir(dest).glob(f"*{MARKER_SUFFIX}"))
 
     def _next_wait(self) -> float:
         now = time.monotonic()
-        waits = [max(0.0, self._backoff[d].next_attempt - now) for d in self._destinations
-                 if any(self._pending_dir(d).glob(f"*{MARKER_SUFFIX}"))]
+        waits = []
+        for dest in self._destinations:
+            if not self._has_pending(dest):
+                continue
+            backoff = self._backoff[dest]
+            wait = max(0.0, backoff.next_attempt - now)
+            waits.append(min(wait, PROBE_INTERVAL_S) if backoff.unreachable else wait)
         return min([self._poll_s, *waits])
+
+    def _probe_unreachable(self) -> None:
+        """End the backoff of each unreachable destination that accepts a TCP connection
+        now (it is back): its SRs go in this pass, not at the end of the backoff."""
+        now = time.monotonic()
+        for dest in self._destinations:
+            backoff = self._backoff[dest]
+            if not backoff.unreachable or now >= backoff.next_attempt \
+                    or not self._has_pending(dest):
+                continue
+            try:
+                with socket.create_connection((dest.host, dest.port), PROBE_TIMEOUT_S):
+                    pass
+            except OSError:
+                continue
+            logger.info("PACS %s answers again: sending its pending SRs now", dest)
+            backoff.next_attempt = 0.0
+            backoff.unreachable = False
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                self._probe_unreachable()
                 self.send_pending_once(respect_backoff=True)
             except Exception:  # the sender thread must survive anything; say what happened
                 logger.exception("PACS sender pass failed; retrying in %.1f s", self._poll_s)
@@ -505,6 +687,38 @@ class PacsSender:
             logger.error("%s", exc.message)
             return False
         return True
+
+
+def verify(dest: PacsDestination, calling_ae: str, *,
+           tls_context: ssl.SSLContext | None = None,
+           timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+    """Check that ``dest`` would store our SRs (``hust19 doctor``, ``/readyz``): an
+    association from ``calling_ae`` proposing Verification and Comprehensive SR Storage
+    (Explicit/Implicit VR Little Endian) is accepted *with* the SR context, and a C-ECHO is
+    answered Success where Verification was accepted. Returns what was found, in words;
+    raises :class:`PacsError` with the reason otherwise (a PACS that answers C-ECHO but
+    rejects our AE title or the SR SOP class fails here)."""
+    try:
+        with _associate(dest, calling_ae, [Verification, SR_SOP_CLASS],
+                        tls_context=tls_context, timeout_s=timeout_s) as assoc:
+            accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+            if SR_SOP_CLASS not in accepted:
+                raise PacsError(f"PACS {dest} accepts an association from AE {calling_ae!r} "
+                                f"but not Comprehensive SR Storage ({SR_SOP_CLASS}): it would "
+                                f"refuse every SR")
+            if str(Verification) not in accepted:
+                return (f"accepts Comprehensive SR Storage from AE {calling_ae!r} "
+                        f"(Verification not offered: no C-ECHO)")
+            status = assoc.send_c_echo()
+    except _AssociationFailed as exc:
+        what = "refuses" if exc.permanent else "cannot be used by"
+        raise PacsError(f"PACS {dest} {what} AE {calling_ae!r}: {exc}") from exc
+    code = int(status.Status) if "Status" in status else None
+    if code != DimseStatus.SUCCESS:
+        raise PacsError(f"PACS {dest}: C-ECHO answered "
+                        f"{'nothing' if code is None else status_meaning(code)}")
+    return (f"accepts Comprehensive SR Storage from AE {calling_ae!r}; C-ECHO answered "
+            "Success")
 
 
 def echo(dest: PacsDestination, calling_ae: str, *, tls_context: ssl.SSLContext | None = None,

@@ -113,6 +113,35 @@ def test_readyz_names_an_unreachable_pacs(running_agent: Callable[..., Agent],
     assert report["bus"] == "ok" and report["lis"] == "ok"
 
 
+def test_readyz_fails_for_a_pacs_that_answers_echo_but_refuses_our_ae(
+        running_agent: Callable[..., Agent], tmp_path: Path) -> None:
+    """Issue 20, item 7: a PACS whose modality list lacks our AE title answered C-ECHO to
+    nobody in particular and looked healthy; /readyz now associates as the agent, proposing
+    Comprehensive SR Storage, and says why it cannot send."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        ComprehensiveSRStorage,
+        Verification,
+    )
+
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(Verification)
+    pacs.add_supported_context(ComprehensiveSRStorage)
+    pacs.require_calling_aet = ["SOMEONE"]
+    port, http = free_port(), free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False)
+    try:
+        running_agent(roles=ALL_ROLES, pacs=[f"127.0.0.1:{port}:PACS"], http_port=http,
+                      lis=f"sqlite:///{tmp_path / 'lis.sqlite'}")
+        status, body = _get(f"http://127.0.0.1:{http}/readyz")
+    finally:
+        server.shutdown()
+    report = json.loads(body)
+    assert status == 503
+    assert "refuses AE 'HUST19'" in report[f"pacs 127.0.0.1:{port}:PACS"]
+    assert "Calling AE title not recognised" in report[f"pacs 127.0.0.1:{port}:PACS"]
+
+
 def _hust19(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
                           text=True, timeout=timeout)
@@ -126,7 +155,8 @@ def test_doctor_on_a_working_setup(storescp: Callable[..., tuple[int, Path]],
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "[ ok ] model files" in out and "[ ok ] bus" in out and "[ ok ] lis" in out
-    assert f"[ ok ] pacs 127.0.0.1:{pacs_port}:PACS: C-ECHO answered Success" in out
+    assert (f"[ ok ] pacs 127.0.0.1:{pacs_port}:PACS: accepts Comprehensive SR Storage from "
+            "AE 'HUST19'; C-ECHO answered Success") in out
     assert "backend onnxruntime" in out  # no GPU here: said plainly
     assert "the spool uses 0.0 MiB" in out  # a new data folder: nothing spooled yet
     assert "Everything needed is in place." in out
@@ -142,7 +172,8 @@ def test_doctor_reports_lis_down_pacs_down_and_no_gpu(tmp_path: Path) -> None:
     assert findings["lis"]["level"] == "fail" and "not reachable" in findings["lis"]["message"]
     assert "***" not in findings["lis"]["message"] or "nobody" in findings["lis"]["message"]
     pacs = findings[f"pacs 127.0.0.1:{dead}:NOPE"]
-    assert pacs["level"] == "fail" and "C-ECHO failed" in pacs["message"]
+    assert pacs["level"] == "fail" and "cannot be used by AE 'HUST19'" in pacs["message"]
+    assert "no connection" in pacs["message"]
     gpu = findings["gpu / backend"]
     assert gpu["level"] == "warn" and "fall back to ONNX Runtime" in gpu["message"]
     assert findings["model files"]["level"] == "ok"
