@@ -95,7 +95,7 @@ SECURITY_HEADERS: Final = [
      b"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
      b"connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),  # no-referrer would make POSTs say Origin: null
     (b"x-frame-options", b"DENY"),
     (b"cache-control", b"no-store"),
 ]

@@ -1,0 +1,230 @@
+"""The dashboard store on real databases (SQLite file and PostgreSQL): idempotence and
+revisions, the worklist's order, filters and search, evidence, dead letters, acknowledgements
+with their audit and undo, sessions."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from agent.dashboard.store import (
+    DeadLetterItem,
+    EvidenceItem,
+    ResultItem,
+    Store,
+    WorklistFilter,
+    decode_thumbnail,
+)
+from agent.dashboard.synthetic import make_evidence, make_result
+from schemas.errors import InputError
+from schemas.messages import DeadLetter, TriageResultV1, dump_json, parse_result
+from tests.fixtures.databases import fresh_database
+
+T0 = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    with fresh_database(request.param, tmp_path) as url:
+        s = Store(url)
+        s.create()
+        yield s
+        s.close()
+
+
+def evidence_item(result):  # type: ignore[no-untyped-def]
+    ev = make_evidence(result, seed=1)
+    return EvidenceItem(ev, tuple(decode_thumbnail(s.png_b64) for s in ev.slices))
+
+
+def test_redelivery_changes_nothing_and_a_higher_revision_replaces(store: Store) -> None:
+    r1 = make_result(1, flag="type1", ready=T0)
+    stats = store.apply([ResultItem(r1)])
+    assert (stats.new, stats.replaced) == (1, 0)
+    assert store.apply([ResultItem(r1)]).unchanged == 1  # the same message again
+
+    r2 = make_result(1, flag="type2", revision=2, ready=T0 + timedelta(minutes=5))
+    assert store.apply([ResultItem(r2)]).replaced == 1
+    row = store.row(r1.result_id)
+    assert row is not None and (row.revision, row.flag) == (2, "type2")
+
+    # a late, lower revision goes into the history only
+    assert store.apply([ResultItem(r1)]).replaced == 0
+    detail = store.detail(r1.result_id)
+    assert detail is not None and detail.row.flag == "type2"
+    assert [(v.revision, v.current) for v in detail.revisions] == [(2, True), (1, False)]
+    assert store.worklist(WorklistFilter()).total == 1
+
+
+def test_same_revision_with_new_content_replaces_when_later(store: Store) -> None:
+    """Agents before revisions re-issued a result (labs arrived) under the same identity."""
+    ct_only = make_result(3, flag="type1", labs=False, ready=T0)
+    with_labs = make_result(3, flag="type1", labs=True, ready=T0 + timedelta(minutes=1))
+    store.apply([ResultItem(with_labs)])
+    store.apply([ResultItem(ct_only)])  # older content arriving late: kept out
+    row = store.row(ct_only.result_id)
+    assert row is not None and row.availability == "both" and row.p_labs is not None
+
+
+def test_version_1_results_are_stored_upgraded(store: Store) -> None:
+    v1 = TriageResultV1(status="triaged", study_uid="1.2.3", series_uid="1.2.3.4",
+                        patient_id="P-V1", flag="control", threshold="general",
+                        timings={"result_ready": T0})
+    result = parse_result(dump_json(v1))
+    store.apply([ResultItem(result)])
+    page = store.worklist(WorklistFilter(search="p-v1"))
+    assert [r.patient_id for r in page.rows] == ["P-V1"]
+    assert page.rows[0].involvement is None and page.rows[0].turnaround_s is None
+
+
+def test_worklist_order_filters_search_and_pages(store: Store) -> None:
+    items = [ResultItem(make_result(n, ready=T0 + timedelta(hours=n))) for n in range(40)]
+    items.append(ResultItem(make_result(99, status="skipped", ready=T0 + timedelta(hours=99))))
+    items.append(ResultItem(make_result(98, flag="control", patient_id="odd_100%",
+                                        ready=T0)))
+    store.apply(items)
+    page = store.worklist(WorklistFilter(), page=1, page_size=500)
+    urgency = {"type2": 0, "type1": 1, "control": 2, None: 3}
+    keys = [(urgency[r.flag], -r.result_ready.timestamp()) for r in page.rows]
+    assert keys == sorted(keys) and page.rows[-1].status == "skipped"
+
+    type2 = store.worklist(WorklistFilter(flag="type2"), page_size=500)
+    assert type2.total > 0 and {r.flag for r in type2.rows} == {"type2"}
+    assert store.worklist(WorklistFilter(flag="skipped")).total == 1
+    for avail in ("both", "ct"):
+        rows = store.worklist(WorklistFilter(availability=avail), page_size=500).rows
+        assert rows and {r.availability for r in rows} == {avail}
+
+    # search: a substring of the patient ID or the accession, case-insensitive, and LIKE's
+    # wildcards are literal
+    assert [r.patient_id for r in store.worklist(WorklistFilter(search="syn-000007")).rows] \
+        == ["SYN-000007"]
+    assert store.worklist(WorklistFilter(search="ACC0000012")).total == 1
+    assert [r.patient_id for r in store.worklist(WorklistFilter(search="_100%")).rows] \
+        == ["odd_100%"]
+    assert store.worklist(WorklistFilter(search="%")).total == 1
+
+    # received date range (from inclusive, to exclusive), against the first instance's time
+    day = datetime(2026, 12, 2)
+    rows = store.worklist(WorklistFilter(received_from=day, received_to=day + timedelta(days=1)),
+                          page_size=500).rows
+    assert rows and all(day <= r.received_at < day + timedelta(days=1) for r in rows)
+
+    p1 = store.worklist(WorklistFilter(), page=1, page_size=10)
+    p2 = store.worklist(WorklistFilter(), page=2, page_size=10)
+    assert p1.total == 42 and p1.pages == 5
+    assert not {r.result_id for r in p1.rows} & {r.result_id for r in p2.rows}
+    assert store.worklist(WorklistFilter(), page=99, page_size=10).page == 5
+    assert len(list(store.export(WorklistFilter(), batch=7))) == 42
+
+
+def test_acknowledge_audit_undo_and_new_revisions(store: Store) -> None:
+    r = make_result(5, flag="type2", ready=T0)
+    store.apply([ResultItem(r)])
+    now = datetime(2026, 12, 1, 9, 0)
+    assert store.acknowledge(r.result_id, "alice", 1, now=now).ok
+    second = store.acknowledge(r.result_id, "bob", 1, now=now)
+    assert not second.ok and "alice" in second.message
+    assert store.worklist(WorklistFilter(acknowledged=True)).total == 1
+    assert store.worklist(WorklistFilter(acknowledged=False)).total == 0
+
+    assert not store.undo(r.result_id, "bob", now=now + timedelta(seconds=5)).ok
+    late = store.undo(r.result_id, "alice", now=now + timedelta(seconds=61))
+    assert not late.ok and "cannot be undone" in late.message
+    assert store.undo(r.result_id, "alice", now=now + timedelta(seconds=30)).ok
+    assert store.worklist(WorklistFilter(acknowledged=False)).total == 1
+
+    assert store.acknowledge(r.result_id, "alice", 1, now=now + timedelta(seconds=40)).ok
+    # an acknowledgement of revision 1 does not cover revision 2
+    store.apply([ResultItem(make_result(5, flag="type2", revision=2, ready=T0))])
+    row = store.row(r.result_id)
+    assert row is not None and not row.acked and row.ack_user == "alice"
+    stale = store.acknowledge(r.result_id, "alice", 1)
+    assert not stale.ok and "newer revision" in stale.message
+    assert store.acknowledge(r.result_id, "alice", 2).ok
+
+    detail = store.detail(r.result_id)
+    assert detail is not None
+    assert [(a.action, a.revision) for a in detail.audit] == [
+        ("acknowledge", 2), ("acknowledge", 1), ("undo", 1), ("acknowledge", 1)]
+
+
+def test_evidence_keeps_the_newest_set(store: Store) -> None:
+    r1 = make_result(7, ready=T0)
+    r2 = make_result(7, revision=2, ready=T0)
+    store.apply([ResultItem(r2), evidence_item(r2)])
+    assert store.apply([evidence_item(r1)]).evidence == 0  # older set: ignored
+    assert store.apply([evidence_item(r2)]).evidence == 0  # redelivered: ignored
+    detail = store.detail(r1.result_id)
+    assert detail is not None and detail.evidence is not None
+    assert detail.evidence.revision == 2 and len(detail.evidence.slices) == 10
+    png = store.thumbnail(r1.result_id, 2, detail.evidence.slices[0].position)
+    assert png is not None and png.startswith(b"\x89PNG")
+    assert store.thumbnail(r1.result_id, 1, 0) is None
+
+
+def test_thumbnails_must_be_png() -> None:
+    with pytest.raises(InputError, match="not a PNG"):
+        decode_thumbnail(base64.b64encode(b"GIF89a....").decode())
+    with pytest.raises(InputError, match="base64"):
+        decode_thumbnail("not base64!")
+
+
+def test_dead_letters_once_per_offset(store: Store) -> None:
+    entry = DeadLetter(reason="instance is not readable DICOM", error_type="InvalidDicomError",
+                       source_topic="dicom.instances", source_partition=0, source_offset=4,
+                       value_b64=base64.b64encode(b"x" * 10).decode(), series_uid="1.2.3",
+                       failed_at=T0)
+    assert store.apply([DeadLetterItem(entry, 0, 8), DeadLetterItem(entry, 0, 8)]) \
+        .dead_letters == 1
+    store.apply([DeadLetterItem(entry, 0, 9)])
+    rows, total = store.dead_letters()
+    assert total == 2 and rows[0].value_size == 10 and rows[0].reason == entry.reason
+
+
+def test_sessions_expire_and_end(store: Store) -> None:
+    now = datetime(2026, 12, 1, 9, 0)
+    token, csrf = store.create_session("alice", "reader", timedelta(hours=1), now=now)
+    session = store.session(token, timedelta(minutes=30), now=now + timedelta(minutes=10))
+    assert session is not None and session.user_name == "alice" and session.csrf == csrf
+    # last seen at +10 min: at +45 it has been idle 35 min, more than the 30 allowed
+    assert store.session(token, timedelta(minutes=30), now=now + timedelta(minutes=45)) is None
+    token, _ = store.create_session("alice", "reader", timedelta(hours=1), now=now)
+    assert store.session(token, timedelta(hours=5), now=now + timedelta(hours=2)) is None
+    token, _ = store.create_session("alice", "reader", timedelta(hours=1), now=now)
+    store.end_session(token)
+    assert store.session(token, timedelta(hours=5), now=now) is None
+    assert store.session("made-up", timedelta(hours=5), now=now) is None
+
+
+def test_secret_is_made_once_and_kept(store: Store) -> None:
+    first = store.secret()
+    again = Store(store.url.render_as_string(hide_password=False))
+    try:
+        assert again.secret() == first and len(first) == 64
+    finally:
+        again.close()
+
+
+def test_counts(store: Store) -> None:
+    store.apply([ResultItem(make_result(n, flag=f)) for n, f in
+                 enumerate(["type2", "type2", "type1", "control"])])
+    store.apply([ResultItem(make_result(9, status="skipped"))])
+    counts = store.counts()
+    assert {k: counts[k] for k in ("type2", "type1", "control", "skipped",
+                                   "unacknowledged")} == {
+        "type2": 2, "type1": 1, "control": 1, "skipped": 1, "unacknowledged": 4}
+
+
+def test_date_bounds_are_local_days() -> None:
+    """The app turns local dates into UTC bounds; the store compares UTC: a sanity check of
+    the conversion the filters rely on."""
+    from agent.dashboard.app import _local_midnight_utc
+
+    start = _local_midnight_utc(date(2026, 12, 2))
+    local = start.replace(tzinfo=UTC).astimezone()
+    assert (local.year, local.month, local.day, local.hour, local.minute) == (2026, 12, 2, 0, 0)
