@@ -168,6 +168,13 @@ def percent(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f} %"
 
 
+def number(value: float | None, fmt: str = "%.0f", unit: str = "") -> str:
+    """``value`` formatted (with ``unit``), or a dash when it is missing."""
+    if value is None:
+        return "—"
+    return (fmt % value) + (f" {unit}" if unit else "")
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "—"
@@ -185,7 +192,7 @@ def _templates() -> Jinja2Templates:
                       autoescape=select_autoescape(["html"]), trim_blocks=True,
                       lstrip_blocks=True)
     env.filters.update(local_time=local_time, iso_time=iso_time, prob=prob, percent=percent,
-                       duration=duration)
+                       duration=duration, number=number)
     env.globals.update(FLAG_LABELS=FLAG_LABELS, FLAG_MEANING=FLAG_MEANING,
                        AVAILABILITY_LABELS=AVAILABILITY_LABELS, FUSION_LABELS=FUSION_LABELS,
                        version=__version__)

@@ -150,8 +150,9 @@ def make_evidence(result: TriageResult, *, slices: list[np.ndarray] | None = Non
     """The evidence set of ``result``: its ten top slices as lung-window thumbnails (of
     ``slices`` in HU when given, else of made-up phantoms)."""
     rng = random.Random(seed)
-    involvement = result.quantitative_ct.lungs.involvement_percent \
-        if result.quantitative_ct is not None else 10.0
+    measured = result.quantitative_ct.lungs.involvement_percent \
+        if result.quantitative_ct is not None else None
+    involvement = 10.0 if measured is None else measured
     uids = result.top_slices or [derive_uid("synthetic-slice", result.result_id, str(i))
                                  for i in range(10)]
     out = []

@@ -224,3 +224,66 @@ def test_tls(start_dashboard: Callable[..., Dashboard], tmp_path: Path) -> None:
         r = login(c, "alice")
         assert r.status_code == 303 and "Secure" in r.headers["set-cookie"]
         assert c.get("/").status_code == 200
+
+
+def test_partial_quantitative_ct_and_old_results_render(
+        start_dashboard: Callable[..., Dashboard], embedded_bus: EmbeddedBus) -> None:
+    """Measurements the series could not give (None) and results without quantitative CT,
+    evidence or lab values (agents before them) still render, saying what is missing."""
+    from schemas.messages import LungMeasurements, QuantitativeCt
+
+    partial = make_result(8).model_copy(update={"quantitative_ct": QuantitativeCt(
+        method="hu-bands/1", lungs=LungMeasurements(), slices_with_lung=12,
+        warnings=["slices 5 mm thick: no pattern shares"])})
+    bare = make_result(9).model_copy(update={"quantitative_ct": None})
+    publish(embedded_bus, partial, bare, evidence=False)
+    dash = start_dashboard()
+    wait_rows(dash, 2)
+    with httpx.Client(base_url=dash.url) as c:
+        login(c, "alice")
+        page = c.get(f"/results/{partial.result_id}")
+        assert page.status_code == 200
+        assert "not measured" in page.text and "slices 5 mm thick" in page.text
+        page = c.get(f"/results/{bare.result_id}")
+        assert page.status_code == 200
+        assert "No quantitative CT in this result" in page.text
+        assert "No thumbnails for this result" in page.text
+        assert "--lis URL" in page.text
+
+
+def test_patient_page_shows_lab_values_from_the_lis(
+        start_dashboard: Callable[..., Dashboard], embedded_bus: EmbeddedBus,
+        tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import create_engine, insert
+
+    from agent.lis import LisClient
+    from schemas.lis import LisPatient, LisResult
+
+    result = make_result(12, labs=True)
+    url = f"sqlite:///{tmp_path / 'lis.sqlite'}"
+    with LisClient(url) as client:
+        client.create_schema()
+    engine = create_engine(url)
+    received = result.timings.first_instance_received
+    assert received is not None
+    with engine.begin() as conn:
+        conn.execute(insert(LisPatient), [{"patient_id": result.patient_id, "sex": "F",
+                                           "age": 61}])
+        conn.execute(insert(LisResult), [
+            {"patient_id": result.patient_id, "code": "CRP", "value": 48.5, "unit": "mg/L",
+             "collected_at": received.replace(tzinfo=None) - timedelta(days=1)},
+            {"patient_id": result.patient_id, "code": "MCHC", "value": 330.0, "unit": "g/L",
+             "collected_at": received.replace(tzinfo=None) - timedelta(days=30)}])
+    engine.dispose()
+    publish(embedded_bus, result, evidence=False)
+    dash = start_dashboard(lis=url)
+    wait_rows(dash, 1)
+    with httpx.Client(base_url=dash.url) as c:
+        login(c, "alice")
+        text = c.get(f"/results/{result.result_id}").text
+    labs = text[text.index('id="labs-heading"'):text.index('id="evidence-heading"')]
+    assert "48.5" in labs and "mg/L" in labs and "out-of-range" in labs  # CRP is high
+    assert "330.0" not in labs  # collected outside the window around the study
+    assert "Looked up now in the LIS" in labs
