@@ -145,6 +145,10 @@ class Settings(BaseModel):
                                                         "threshold sets the flag.")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
         "auto", description="Inference backend; auto = TensorRT when a GPU is usable.")
+    ct_source: Literal["quantitative", "patient_cnn"] = Field(
+        "quantitative", description="Which model gives the CT scores the fusion uses: the "
+        "quantitative CT (lung involvement in HU) or the HUST-19 patient CNN (a site-trained "
+        "option; it is reported beside the quantitative CT either way).")
     engine_cache: Path | None = Field(None, description="TensorRT engine cache; default "
                                       "data_dir/engines.")
     # Operations

@@ -1,18 +1,26 @@
-"""PLR fusion of the CT and CF scores, applied with NumPy from JSON coefficients.
+"""Fusion of the CT and clinical-feature (CF) scores into the triage scores, from JSON.
 
-The paper fuses the patient CNN's three CT scores and the CF network's three scores with a
-penalised (L2) logistic regression (PLR) into three scores (control, type1, type2). Training
-(``engines.training.fusion``) fits scikit-learn's ``LogisticRegression`` and stores only its
-numbers in ``engines/models/fusion.json``; here they are applied as
-``softmax(coef @ x + intercept)``: no scikit-learn object and no pickle at run time.
+Two ways to combine a patient's CT scores and CF scores (each: control, type1, type2):
 
-Modes: ``plr`` when both sides are present (while no CT out-of-fold scores exist to fit it, an
-interim document may carry the untrained mean of the two modalities instead, flagged
-``interim``); when one is missing the other modality's own scores
-are used unchanged (``ct_only`` / ``cf_only``), and the mode says so. Each mode has its own
-sensitive threshold: the cut on P(COVID-19) = P(type1) + P(type2) that reached the stated
-sensitivity on out-of-fold training scores. Under it the flag is the larger of type1 / type2
-when P(COVID-19) >= cut, else control. The general flag is the arg-max.
+- ``rule`` (the shipped default): **the CF model decides COVID-19, the CT decides severity.**
+  ``P(control) = CF's P(control)``; of the rest, the share that is Type II is the CT's
+  ``P(type2) / (P(type1) + P(type2))``: its probability of severe involvement (CT-3 or more,
+  :mod:`engines.ct_stage`). CT cannot tell COVID-19 from another pneumonia (the CAP series
+  cap002 is "pneumonia" on CT), and the iCTCF controls include community-acquired pneumonia,
+  so the CT side must not raise P(COVID-19); the lab model, trained on 977 patients, carries
+  that, and the CT, which measures how much lung is affected, carries the severity. No number
+  is fitted: there is no cohort with both CT and labs here, and coefficients fitted on invented
+  pairings would describe the invention.
+- ``plr``: the paper's penalised (L2) logistic regression over the six scores,
+  ``softmax(coef @ x + intercept)``, fitted by a site on *paired* CT + lab data
+  (``hust19 train fusion --paired CSV``); a document with it uses it when both sides exist.
+
+With one side missing, that side's own scores are used unchanged (``ct_only`` / ``cf_only``)
+and the mode says so. Each mode has its sensitive threshold, a cut on P(COVID-19) =
+P(type1) + P(type2); for ``rule`` and ``cf_only`` it is the CF model's own cut (``"cf"`` in the
+document: read from the CF model's metadata), since P(COVID-19) is the CF model's. Under it the
+flag is the larger of type1 / type2 when P(COVID-19) >= cut, else control; the general flag is
+the arg-max. No scikit-learn object and no pickle at run time.
 """
 
 from __future__ import annotations
@@ -29,22 +37,26 @@ from engines import MODELS_DIR
 from schemas.errors import EngineError, InputError
 
 DEFAULT_JSON: Final = MODELS_DIR / "fusion.json"
+CF_JSON: Final = MODELS_DIR / "cf.json"
 CLASSES: Final[tuple[str, str, str]] = ("control", "type1", "type2")
 FEATURE_ORDER: Final[tuple[str, ...]] = (
     "ct_control", "ct_type1", "ct_type2", "cf_control", "cf_type1", "cf_type2")
 
-Mode = Literal["plr", "ct_only", "cf_only"]
-MODES: Final[tuple[Mode, ...]] = ("plr", "ct_only", "cf_only")
+Mode = Literal["rule", "plr", "ct_only", "cf_only"]
+MODES: Final[tuple[Mode, ...]] = ("rule", "plr", "ct_only", "cf_only")
+BOTH_MODES: Final[tuple[Mode, ...]] = ("rule", "plr")
 #: Inputs each mode reads, in ``FEATURE_ORDER`` naming.
 MODE_INPUTS: Final[Mapping[str, tuple[str, ...]]] = {
-    "plr": FEATURE_ORDER, "ct_only": FEATURE_ORDER[:3], "cf_only": FEATURE_ORDER[3:]}
+    "rule": FEATURE_ORDER, "plr": FEATURE_ORDER, "ct_only": FEATURE_ORDER[:3],
+    "cf_only": FEATURE_ORDER[3:]}
+TRANSFORM_RULE: Final = "rule"
 TRANSFORM_PLR: Final = "plr"
 TRANSFORM_IDENTITY: Final = "identity"
-#: Interim rule while no CT scores exist to fit the PLR: the mean of the two modalities'
-#: probabilities (untrained; the document says so in ``modes.plr.interim``).
-TRANSFORM_MEAN: Final = "mean"
-#: Tolerance on a score vector's sum (scores are probabilities).
+CUT_FROM_CF: Final = "cf"
+"""A sensitive cut given as this string is the CF model's own cut (``cf.json``)."""
 SUM_TOLERANCE: Final = 1e-3
+"""Tolerance on a score vector's sum (scores are probabilities)."""
+_TINY: Final = 1e-12
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,17 @@ def sensitive_flags(proba: np.ndarray, cut: float) -> list[str]:
             for row, c in zip(p, covid, strict=True)]
 
 
+def rule(x: np.ndarray) -> np.ndarray:
+    """The ``rule`` fusion of ``(n, 6)`` inputs (CT then CF scores): CF decides COVID-19, the CT
+    its severity (module docstring)."""
+    a = np.asarray(x, dtype=np.float64)
+    ct, cf = a[:, :3], a[:, 3:]
+    covid = cf[:, 1] + cf[:, 2]
+    ct_disease = ct[:, 1] + ct[:, 2]
+    severe = np.where(ct_disease > _TINY, ct[:, 2] / np.maximum(ct_disease, _TINY), 0.0)
+    return np.stack([1.0 - covid, covid * (1.0 - severe), covid * severe], axis=1)
+
+
 def _check_scores(name: str, x: np.ndarray | None) -> np.ndarray | None:
     if x is None:
         return None
@@ -88,19 +111,35 @@ def _check_scores(name: str, x: np.ndarray | None) -> np.ndarray | None:
     return a
 
 
-class FusionModel:
-    """The fusion, from its JSON document (see ``docs/models/fusion.md``)."""
+def cf_sensitive_cut(path: Path = CF_JSON) -> float:
+    """The CF model's sensitive cut on P(COVID-19), from its metadata."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return float(doc["thresholds"]["sensitive"]["covid_probability"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EngineError(f"cannot read the CF model's sensitive cut from {path}: {exc}") from exc
 
-    def __init__(self, doc: Mapping[str, Any], source: str = "<memory>") -> None:
+
+class FusionModel:
+    """The fusion, from its JSON document (see ``docs/models/fusion.md``).
+
+    ``cf_cut`` resolves cuts written as ``"cf"`` (default: read from ``cf.json`` when needed).
+    """
+
+    def __init__(self, doc: Mapping[str, Any], source: str = "<memory>",
+                 cf_cut: float | None = None) -> None:
         try:
             if tuple(doc["classes"]) != CLASSES or tuple(doc["feature_order"]) != FEATURE_ORDER:
                 raise EngineError(f"{source}: classes or feature order differ from "
                                   f"{CLASSES} / {FEATURE_ORDER}")
             self._modes: dict[str, dict[str, Any]] = {}
-            for mode in MODES:
-                m = doc["modes"][mode]
-                entry: dict[str, Any] = {"transform": m["transform"],
-                                         "cut": float(m["sensitive"]["covid_probability"])}
+            for mode, m in doc["modes"].items():
+                if mode not in MODES:
+                    raise EngineError(f"{source}: unknown mode {mode!r}")
+                cut = m["sensitive"]["covid_probability"]
+                if cut == CUT_FROM_CF:
+                    cut = cf_sensitive_cut() if cf_cut is None else cf_cut
+                entry: dict[str, Any] = {"transform": m["transform"], "cut": float(cut)}
                 if m["transform"] == TRANSFORM_PLR:
                     coef = np.asarray(m["coef"], dtype=np.float64)
                     intercept = np.asarray(m["intercept"], dtype=np.float64)
@@ -109,30 +148,33 @@ class FusionModel:
                         raise EngineError(f"{source}: mode {mode}: coef {coef.shape} / "
                                           f"intercept {intercept.shape} do not fit")
                     entry.update(coef=coef, intercept=intercept)
-                elif m["transform"] == TRANSFORM_MEAN and mode != "plr":
-                    raise EngineError(f"{source}: mode {mode}: 'mean' needs both modalities")
-                elif m["transform"] not in (TRANSFORM_IDENTITY, TRANSFORM_MEAN):
+                elif m["transform"] == TRANSFORM_RULE and mode not in BOTH_MODES:
+                    raise EngineError(f"{source}: mode {mode}: 'rule' needs both modalities")
+                elif m["transform"] not in (TRANSFORM_IDENTITY, TRANSFORM_RULE):
                     raise EngineError(f"{source}: mode {mode}: unknown transform "
                                       f"{m['transform']!r}")
                 self._modes[mode] = entry
+            self.both: Mode = doc.get("both", "rule")
+            for needed in (self.both, "ct_only", "cf_only"):
+                if needed not in self._modes:
+                    raise EngineError(f"{source}: mode {needed!r} is missing")
             self.version = str(doc["version"])
-            self.interim = bool(doc.get("interim", False))
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineError(f"{source}: not a fusion model document ({exc!r})") from exc
         self.doc = dict(doc)
 
     @classmethod
-    def load(cls, path: Path) -> FusionModel:
+    def load(cls, path: Path, cf_cut: float | None = None) -> FusionModel:
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise EngineError(f"cannot read fusion model {path}: {exc}") from exc
-        return cls(doc, str(path))
+        return cls(doc, str(path), cf_cut)
 
     @classmethod
-    def load_default(cls) -> FusionModel:
+    def load_default(cls, cf_cut: float | None = None) -> FusionModel:
         """The shipped ``engines/models/fusion.json``."""
-        return cls.load(DEFAULT_JSON)
+        return cls.load(DEFAULT_JSON, cf_cut)
 
     def sensitive_cut(self, mode: Mode) -> float:
         """The P(COVID-19) cut of the sensitive threshold in ``mode``."""
@@ -147,9 +189,8 @@ class FusionModel:
                              f"got {a.shape}")
         if m["transform"] == TRANSFORM_IDENTITY:
             return np.asarray(a / a.sum(axis=1, keepdims=True))
-        if m["transform"] == TRANSFORM_MEAN:
-            k = len(CLASSES)
-            return np.asarray((a[:, :k] + a[:, k:]) / 2.0)
+        if m["transform"] == TRANSFORM_RULE:
+            return rule(a)
         return softmax(a @ m["coef"].T + m["intercept"])
 
     def combine(self, ct: np.ndarray | None, cf: np.ndarray | None) -> FusionOutput:
@@ -157,7 +198,7 @@ class FusionModel:
         ct_a, cf_a = _check_scores("CT", ct), _check_scores("CF", cf)
         mode: Mode
         if ct_a is not None and cf_a is not None:
-            mode, x = "plr", np.concatenate([ct_a, cf_a])
+            mode, x = self.both, np.concatenate([ct_a, cf_a])
         elif ct_a is not None:
             mode, x = "ct_only", ct_a
         elif cf_a is not None:

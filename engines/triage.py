@@ -1,16 +1,21 @@
 """Series triage: slices in, CT scores out; then the fused decision.
 
 Built for both callers: ``hust19 predict`` (a whole folder at once) and the streaming worker
-(slices arrive one micro-batch at a time, in any order). :class:`SeriesScorer` keeps only what
-the final step needs: the three slice scores of every slice and the (at most 10) candidate
-200x200 crops with the highest pCT among slices whose NiCT score is <= 0.5, never the series.
+(slices arrive one micro-batch at a time, in any order). :class:`SeriesScorer` keeps, per
+slice, its int16 HU pixels and a pixel-free geometry header (for the quantitative CT, which
+needs the volume), the three slice-CNN scores, and the (at most 10) 200x200 crops with the
+highest pCT among slices whose NiCT score is <= 0.5 (the paper's selection for the patient
+CNN). Nothing is copied per slice beyond that slice.
 
-- ``add_slices([SliceInput(uid, order_key, image_u8), ...])`` (8-bit windowed images) or
-  ``add_datasets([...])`` (pydicom datasets; the lung window is applied here);
+- ``add_slices([SliceInput(uid, order_key, image_u8, hu, header), ...])`` or
+  ``add_datasets([...])`` (pydicom datasets: HU and the lung window are computed here);
   ``order_key`` sorts slices into slice order (ascending = cranio-caudal), see
   :func:`order_key`.
-- ``finish() -> CtResult``: top-10 in slice order -> patient CNN -> (control, type1, type2),
-  or ``proba=None`` with the reason when no slice is usable.
+- ``finish() -> CtResult``: the quantitative CT of the series (:mod:`engines.ct_analysis`:
+  lungs, patterns, slice evidence, CT stage) and the paper's CNN path (top-10 pCT slices ->
+  patient CNN). ``ct_source`` says which of the two gives the CT scores that the fusion
+  uses (default ``quantitative``: the patient CNN is reported beside it, see
+  ``docs/models/patient.md``); the evidence slices are the quantitative top-10 when measured.
 - :func:`decide(ct, cf, threshold)`: fusion (``engines.fusion``) of the CT and CF scores, either
   side may be missing, and the flag under the configured threshold.
 """
@@ -26,7 +31,9 @@ from typing import Any, Final, Literal
 import numpy as np
 import pydicom
 
-from engines import lung, preprocess
+from engines import lung, preprocess, volume
+from engines.ct_analysis import CtAnalysis, analyse
+from engines.evidence import EvidenceModel
 from engines.patient_model import TOP_K, PatientModel, stack
 from engines.slice_model import NCT, NICT, PCT, SliceModel
 from schemas.errors import InputError
@@ -34,17 +41,23 @@ from schemas.errors import InputError
 log = logging.getLogger(__name__)
 
 Threshold = Literal["general", "sensitive"]
+CtSource = Literal["quantitative", "patient_cnn"]
+CT_SOURCES: Final[tuple[CtSource, ...]] = ("quantitative", "patient_cnn")
 CLASSES: Final = ("control", "type1", "type2")
 NO_USABLE_SLICE: Final = "no slice with NiCT score <= 0.5 (no lung parenchyma found)"
 
 
 @dataclass(frozen=True)
 class SliceInput:
-    """One slice for :meth:`SeriesScorer.add_slices`: id, order key and 8-bit image."""
+    """One slice for :meth:`SeriesScorer.add_slices`: id, order key, 8-bit image and, for the
+    quantitative CT, its int16 HU pixels and geometry header (:func:`engines.volume.
+    geometry_header`)."""
 
     uid: str
     order_key: float
     image_u8: np.ndarray
+    hu: np.ndarray | None = None
+    header: pydicom.Dataset | None = None
 
 
 @dataclass(frozen=True)
@@ -61,7 +74,12 @@ class SliceScore:
 
 @dataclass(frozen=True)
 class CtResult:
-    """The CT side of one series. ``proba`` is None when the series has no usable slice."""
+    """The CT side of one series.
+
+    ``proba`` is the CT scores the fusion uses (from ``source``), None with ``reason`` when
+    the series gives none; ``cnn_proba`` is the patient CNN's output, reported in any case when
+    it ran; ``analysis`` the quantitative CT (None when no HU slices were given);
+    ``top_uids`` the evidence slices (quantitative top-10 when measured, else the CNN's)."""
 
     series_uid: str
     proba: np.ndarray | None
@@ -73,15 +91,29 @@ class CtResult:
     patient_model_version: str
     reason: str | None = None
     slices: tuple[SliceScore, ...] = field(default=(), repr=False)
+    source: CtSource = "quantitative"
+    cnn_proba: np.ndarray | None = None
+    cnn_top_uids: tuple[str, ...] = ()
+    analysis: CtAnalysis | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
+        def scores(p: np.ndarray | None) -> dict[str, float] | None:
+            return None if p is None else dict(zip(CLASSES, map(float, p), strict=True))
+
+        evidence: dict[str, float] = {}
+        if self.analysis is not None:
+            evidence = dict(zip(self.analysis.keys, map(float, self.analysis.evidence),
+                                strict=True))
         return {
-            "scores": None if self.proba is None else dict(zip(CLASSES, map(float, self.proba),
-                                                               strict=True)),
+            "source": self.source,
+            "scores": scores(self.proba),
+            "cnn_scores": scores(self.cnn_proba),
             "n_slices": self.n_slices,
             "n_usable_slices": self.n_usable,
-            "top_slices": [{"uid": u, "pct": round(p, 6)}
-                           for u, p in zip(self.top_uids, self.top_pct, strict=True)],
+            "top_slices": [{"uid": u, "evidence": round(evidence.get(u, 0.0), 6)}
+                           for u in self.top_uids],
+            "cnn_top_slices": [{"uid": u, "pct": round(p, 6)}
+                               for u, p in zip(self.cnn_top_uids, self.top_pct, strict=True)],
             "reason": self.reason,
         }
 
@@ -109,22 +141,32 @@ class SeriesScorer:
     """Incremental CT scoring of one series (see the module docstring)."""
 
     def __init__(self, slice_model: SliceModel, patient_model: PatientModel,
-                 series_uid: str = "", k: int = TOP_K) -> None:
+                 series_uid: str = "", k: int = TOP_K, *,
+                 evidence_model: EvidenceModel | None = None,
+                 ct_source: CtSource = "quantitative", xp: Any = None) -> None:
+        if ct_source not in CT_SOURCES:
+            raise InputError(f"CT source {ct_source!r} is not one of {', '.join(CT_SOURCES)}")
         self.slice_model = slice_model
         self.patient_model = patient_model
+        self.evidence_model = evidence_model
+        self.ct_source: CtSource = ct_source
+        self.xp = np if xp is None else xp
         self.series_uid = series_uid
         self.k = k
         self._scores: list[SliceScore] = []
         # min-heap of the k best candidates: (pct, -order_key, seq, uid, order_key, crop)
         self._heap: list[tuple[float, float, int, str, float, np.ndarray]] = []
         self._seq = 0
+        self._hu: list[np.ndarray] = []
+        self._headers: list[pydicom.Dataset] = []
+        self._hu_uids: list[str] = []
 
     @property
     def n_slices(self) -> int:
         return len(self._scores)
 
     def add_slices(self, items: Sequence[SliceInput]) -> list[SliceScore]:
-        """Lung-extract and score one micro-batch of 8-bit slices; returns their scores."""
+        """Lung-extract and score one micro-batch of slices; keep their HU for the series."""
         if not items:
             return []
         extractions = [lung.extract(it.image_u8) for it in items]
@@ -134,6 +176,10 @@ class SeriesScorer:
             s = SliceScore(it.uid, float(it.order_key), float(ext.area_fraction),
                            float(p[NICT]), float(p[PCT]), float(p[NCT]))
             out.append(s)
+            if it.hu is not None and it.header is not None:
+                self._hu.append(it.hu)
+                self._headers.append(it.header)
+                self._hu_uids.append(it.uid)
             if s.nict <= self.slice_model.nict_max:
                 # ties on pCT: the earlier slice (smaller order key) ranks higher
                 entry = (s.pct, -s.order_key, self._seq, s.uid, s.order_key, ext.crop)
@@ -148,35 +194,73 @@ class SeriesScorer:
     def add_datasets(self, datasets: Sequence[pydicom.Dataset],
                      uids: Sequence[str] | None = None,
                      order_keys: Sequence[float] | None = None) -> list[SliceScore]:
-        """Window (HU, lung window) and score pydicom datasets; ids default to the SOP
-        Instance UIDs and keys to :func:`order_key` (both must then be present)."""
-        items = []
-        for i, ds in enumerate(datasets):
-            uid = uids[i] if uids is not None else str(ds.get("SOPInstanceUID", "") or "")
-            key = order_keys[i] if order_keys is not None else order_key(ds)
-            if not uid or key is None:
-                raise InputError(f"series {self.series_uid}: slice {uid or '#' + str(i)} lacks "
-                                 "a SOP Instance UID or a position; pass uids/order_keys")
-            items.append(SliceInput(uid, float(key), preprocess.dataset_to_u8(ds)))
-        return self.add_slices(items)
+        """Score pydicom datasets (HU, lung window); ids default to the SOP Instance UIDs and
+        keys to :func:`order_key` (both must then be present)."""
+        return self.add_slices([slice_input(ds, uids[i] if uids is not None else None,
+                                            order_keys[i] if order_keys is not None else None,
+                                            series_uid=self.series_uid, index=i)
+                                for i, ds in enumerate(datasets)])
+
+    def _analyse(self) -> tuple[CtAnalysis | None, str | None]:
+        if self.evidence_model is None or not self._hu:
+            return None, "no quantitative CT (no HU slices or no evidence model)"
+        try:
+            vol = volume.assemble(self._headers, self._hu, self._hu_uids, self.series_uid)
+        except InputError as exc:
+            log.warning("series %s: no quantitative CT: %s", self.series_uid, exc.message)
+            return None, exc.message
+        analysis = analyse(vol, self.evidence_model, xp=self.xp, series_uid=self.series_uid)
+        return analysis, analysis.reason
 
     def finish(self) -> CtResult:
-        """Top-k usable slices in slice order -> patient CNN -> CT scores."""
+        """The quantitative CT and the CNN path (module docstring) -> CT scores."""
         chosen = sorted(self._heap, key=lambda e: e[4])
-        common = {"series_uid": self.series_uid, "n_slices": len(self._scores),
-                  "n_usable": sum(s.nict <= self.slice_model.nict_max for s in self._scores),
-                  "slice_model_version": self.slice_model.version,
-                  "patient_model_version": self.patient_model.version,
-                  "slices": tuple(sorted(self._scores, key=lambda s: s.order_key))}
-        if not chosen:
-            log.warning("series %s: %s", self.series_uid, NO_USABLE_SLICE)
-            return CtResult(proba=None, top_uids=(), top_pct=(), reason=NO_USABLE_SLICE,
-                            **common)  # type: ignore[arg-type]
-        proba = self.patient_model.score(stack([e[5] for e in chosen], self.k))
-        log.info("series %s: CT scores %s from %d of %d slices", self.series_uid,
-                 np.round(proba, 4).tolist(), len(chosen), len(self._scores))
-        return CtResult(proba=proba, top_uids=tuple(e[3] for e in chosen),
-                        top_pct=tuple(float(e[0]) for e in chosen), **common)  # type: ignore[arg-type]
+        analysis, quant_reason = self._analyse()
+        cnn_proba = None
+        if chosen:
+            cnn_proba = self.patient_model.score(stack([e[5] for e in chosen], self.k))
+        cnn_top = tuple(e[3] for e in chosen)
+        stage = analysis.stage if analysis is not None else None
+        if self.ct_source == "quantitative":
+            proba = None if stage is None else stage.proba
+            reason = None if stage is not None else quant_reason
+        else:
+            proba = cnn_proba
+            reason = None if cnn_proba is not None else NO_USABLE_SLICE
+        top = analysis.top_keys if analysis is not None and analysis.top else cnn_top
+        if proba is None:
+            log.warning("series %s: no CT scores: %s", self.series_uid, reason)
+        else:
+            log.info("series %s: CT scores %s (%s), patient CNN %s, from %d slices",
+                     self.series_uid, np.round(proba, 4).tolist(), self.ct_source,
+                     None if cnn_proba is None else np.round(cnn_proba, 4).tolist(),
+                     len(self._scores))
+        self._hu, self._headers, self._hu_uids = [], [], []  # the volume is not kept
+        return CtResult(
+            series_uid=self.series_uid, proba=proba, n_slices=len(self._scores),
+            n_usable=sum(s.nict <= self.slice_model.nict_max for s in self._scores),
+            top_uids=top, top_pct=tuple(float(e[0]) for e in chosen),
+            slice_model_version=self.slice_model.version,
+            patient_model_version=self.patient_model.version, reason=reason,
+            slices=tuple(sorted(self._scores, key=lambda s: s.order_key)),
+            source=self.ct_source, cnn_proba=cnn_proba, cnn_top_uids=cnn_top,
+            analysis=analysis)
+
+
+def slice_input(ds: pydicom.Dataset, uid: str | None = None, key: float | None = None, *,
+                series_uid: str = "", index: int = 0) -> SliceInput:
+    """A :class:`SliceInput` of a dataset: HU once, the lung window and int16 HU from it.
+
+    Raises :class:`InputError` (or its DICOM subclass) for a slice without a SOP Instance UID
+    or a position when none is passed, or whose pixels cannot be read."""
+    uid = uid if uid is not None else str(ds.get("SOPInstanceUID", "") or "")
+    key = key if key is not None else order_key(ds)
+    if not uid or key is None:
+        raise InputError(f"series {series_uid}: slice {uid or '#' + str(index)} lacks a SOP "
+                         "Instance UID or a position; pass uids/order_keys")
+    hu = preprocess.to_hu(ds)
+    return SliceInput(uid, float(key), preprocess.window(hu), volume.hu_int16(hu),
+                      volume.geometry_header(ds))
 
 
 @dataclass(frozen=True)
@@ -187,7 +271,7 @@ class Decision:
     flag_general: str
     flag_sensitive: str
     proba: np.ndarray
-    mode: str  # "plr" (CT + CF), "ct_only" or "cf_only"
+    mode: str  # "rule" or "plr" (CT + CF), "ct_only" or "cf_only"
     threshold: str
     fusion_version: str
 

@@ -2,10 +2,14 @@
 of one DICOM CT series folder, JSON on stdout.
 
 Every file in the folder is read; files that are not DICOM (or not CT images) are skipped with a
-warning. The slices are put in cranio-caudal order (``engines.series``), scored by the slice CNN
-in micro-batches and the top-10 pCT slices go to the patient CNN (``engines.triage``). Without
-``--labs`` the decision is CT-only; with it, the lab values go through the CF network and the
-fusion. An empty folder or a folder without a usable CT slice exits with status 2 and one line.
+warning. The slices are put in cranio-caudal order (``engines.series``); the quantitative CT
+measures the lungs in HU (volume, patterns, involvement, slice evidence, CT stage:
+``engines.ct_analysis``) and the paper's CNN path scores every slice and the top-10 pCT slices
+with the patient CNN (``engines.triage``). Without ``--labs`` the decision is CT-only; with it,
+the lab values go through the CF network and the fusion. The JSON carries the top-level number
+``lung_involvement_percent`` (null when it could not be measured, with the reason in
+``ct.reason``) beside ``flag``. An empty folder or a folder without a usable CT slice exits with
+status 2 and one line.
 
 ``--labs`` is a JSON object mapping catalogue codes (``schemas/clinical_features.json``) to a
 number, or to ``{"value": 1.2, "unit": "mg/L", "qualifier": "<", "low": 0, "high": 5}``;
@@ -44,6 +48,9 @@ def register(sub: Any) -> None:
                    help="decision threshold (default: the settings', general)")
     p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default=None,
                    help="inference backend (default: the settings', auto)")
+    p.add_argument("--ct-source", choices=["quantitative", "patient_cnn"], default=None,
+                   help="which model gives the CT scores (default: the settings', "
+                        "quantitative)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    default="WARNING")
     p.set_defaults(func=run)
@@ -108,12 +115,13 @@ def load_labs(path: Path) -> dict[str, Any]:
 
 
 def predict(folder: Path, labs: Path | None = None, threshold: str = "general",
-            backend: str = "auto") -> dict[str, Any]:
+            backend: str = "auto", ct_source: str = "quantitative") -> dict[str, Any]:
     """The whole offline triage of one folder; returns the JSON document."""
     from engines import series
+    from engines.evidence import EvidenceModel
     from engines.patient_model import PatientModel
     from engines.slice_model import SliceModel
-    from engines.triage import SeriesScorer, decide
+    from engines.triage import SeriesScorer, decide, slice_input
 
     datasets, names = read_series(folder)
     series_uid = str(datasets[0].get("SeriesInstanceUID", "") or "") or folder.name
@@ -123,17 +131,20 @@ def predict(folder: Path, labs: Path | None = None, threshold: str = "general",
                     series_uid, sum(not u for u in uids))
         uids = [u or f"file:{n}" for u, n in zip(uids, names, strict=True)]
     order = series.order_slices(datasets)
-    for w in order.warnings:
-        log.warning("series %s: %s", series_uid, w)
     rank = np.empty(len(datasets), np.float64)
     rank[list(order.indices)] = np.arange(len(order.indices))
 
     slice_model = SliceModel.load(backend=backend)  # type: ignore[arg-type]
     patient_model = PatientModel.load(backend=backend)  # type: ignore[arg-type]
-    scorer = SeriesScorer(slice_model, patient_model, series_uid)
+    evidence_model = EvidenceModel.load()
+    scorer = SeriesScorer(slice_model, patient_model, series_uid,
+                          evidence_model=evidence_model,
+                          ct_source=ct_source)  # type: ignore[arg-type]
     for start in range(0, len(datasets), MICRO_BATCH):
-        part = slice(start, start + MICRO_BATCH)
-        scorer.add_datasets(datasets[part], uids[part], rank[part].tolist())
+        scorer.add_slices([slice_input(ds, uids[i], float(rank[i]), series_uid=series_uid,
+                                       index=i)
+                           for i, ds in enumerate(datasets[start:start + MICRO_BATCH],
+                                                  start=start)])
     ct = scorer.finish()
 
     cf_proba = None
@@ -145,11 +156,15 @@ def predict(folder: Path, labs: Path | None = None, threshold: str = "general",
         cf_proba = cf_model.predict_values([load_labs(labs)])[0]
         cf_version = cf_model.version
     if ct.proba is None and cf_proba is None:
-        raise InputError(f"{folder}: no usable CT slice ({ct.reason}) and no lab values")
+        raise InputError(f"{folder}: no CT scores ({ct.reason}) and no lab values")
     decision = decide(ct.proba, cf_proba, threshold)  # type: ignore[arg-type]
+    analysis = ct.analysis
     return {
         "series_uid": series_uid,
         **decision.to_dict(),
+        "lung_involvement_percent": None if analysis is None or analysis.stage is None
+        else round(analysis.stage.involvement_percent, 3),
+        "quantitative_ct": None if analysis is None else analysis.summary(),
         "modalities": {"ct": ct.proba is not None, "cf": cf_proba is not None,
                        "missing": [m for m, p in (("ct", ct.proba), ("cf", cf_proba))
                                    if p is None]},
@@ -160,7 +175,8 @@ def predict(folder: Path, labs: Path | None = None, threshold: str = "general",
         "top10_sop_instance_uids": list(ct.top_uids),
         "order": {"method": order.method, "gaps": len(order.gaps), "tilt": order.tilt},
         "models": {"slice": slice_model.version, "patient": patient_model.version,
-                   "cf": cf_version, "fusion": decision.fusion_version},
+                   "evidence": evidence_model.version, "cf": cf_version,
+                   "fusion": decision.fusion_version},
     }
 
 
@@ -170,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
     from agent.config import load_settings
 
     setup_logging(args.log_level)
-    settings = load_settings(args.config, {"threshold": args.threshold, "backend": args.backend})
-    result = predict(args.series_dir, args.labs, settings.threshold, settings.backend)
+    settings = load_settings(args.config, {"threshold": args.threshold, "backend": args.backend,
+                                           "ct_source": args.ct_source})
+    result = predict(args.series_dir, args.labs, settings.threshold, settings.backend,
+                     settings.ct_source)
     print(json.dumps(result, indent=2))
     return 0

@@ -1,4 +1,4 @@
-"""``hust19 train {slice,patient,cf,fusion}``."""
+"""``hust19 train {slice,patient,cf,fusion,evidence}``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ TARGETS = {
     "patient": "engines.training.patient",
     "cf": "engines.training.cf",
     "fusion": "engines.training.fusion",
+    "evidence": "engines.training.evidence",
 }
 
 

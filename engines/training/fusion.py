@@ -1,28 +1,25 @@
-"""Train the PLR fusion from out-of-fold CT and CF scores.
+"""Write the fusion document: the stated rule (shipped), or the paper's PLR fitted on a site's
+paired CT + lab scores.
 
-Usage: ``hust19 train fusion --cf-scores CSV --ct-scores CSV [--out DIR] [--target-sn 0.95]
-[--pairs-per-patient N] [--seed S]``.
+Usage::
 
-The paper fits an L2-penalised logistic regression (PLR) on the CT and CF scores of patients who
-have both. No public cohort here has both (``../shared/data/README.md``), so the fusion is
-trained on a *synthetic, label-matched pairing*: every CF patient (out-of-fold CF scores,
-``cf_scores_oof.csv``: ``patient_id,label,control,type1,type2``) is paired with CT pseudo-
-patients drawn at random, with replacement, among those of a matching label (out-of-fold CT
-scores, ``patient_scores_oof.csv``: ``pseudo_patient_id,label,control,type1,type2[,fold]``; a CT
-label ``covid`` matches both type1 and type2, since the CT data have no severity grade). The
-pairs are not clinical data: the fused figures measure how the two score sets combine, not
-clinical performance.
+    hust19 train fusion --rule [--out DIR]
+    hust19 train fusion --paired CSV [--out DIR] [--folds 10] [--target-sn 0.95] [--seed 0]
 
-Protocol: the penalty C is chosen by stratified k-fold cross-validated log-loss over a grid;
-out-of-fold fused probabilities at that C give the sensitive threshold of the ``plr`` mode;
-the final coefficients are fitted on all pairs. The ``ct_only`` and ``cf_only`` modes use each
-modality's scores unchanged; their sensitive thresholds come from the same out-of-fold files.
+``--rule`` writes the shipped document (``engines/models/fusion.json``): the ``rule`` mode of
+:mod:`engines.fusion` for patients with both sides, each side's own scores otherwise. Nothing
+is fitted; the sensitive cuts are the CF model's (``"cf"``) and, for CT alone,
+:data:`CT_ONLY_SENSITIVE_CUT`.
 
-Without ``--ct-scores`` (no CT out-of-fold scores exist yet) an *interim* document is written:
-``cf_only`` as above; ``plr`` is the untrained mean of the two modalities with, as its
-sensitive cut, the ``cf_only`` cut; ``ct_only`` passes the CT scores through with the
-general cut of 0.5 on P(COVID-19). The document says ``"interim": true``; re-run with
-``--ct-scores`` once the patient CNN's ``patient_scores_oof.csv`` exists.
+``--paired CSV`` is for a site that has patients with *both* a CT series and lab values and
+their outcome: one row per patient, ``patient_id,label,ct_control,ct_type1,ct_type2,
+cf_control,cf_type1,cf_type2`` with ``label`` control / type1 / type2, the scores being what
+the agent's CT side and CF model gave (out-of-fold scores if the site also retrained those
+models on the same patients). It fits the paper's L2-penalised logistic regression (PLR),
+choosing C by stratified k-fold cross-validated log-loss, and reports on the same folds the
+out-of-fold PLR against the rule, so the site sees whether the fitted fusion beats the stated
+one before using it. The document keeps the rule and makes PLR the mode for patients with
+both sides. Outputs in ``--out``: ``fusion.json``, ``fusion-report.json``, ``fusion-roc.png``.
 """
 
 from __future__ import annotations
@@ -31,8 +28,6 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -41,108 +36,108 @@ import numpy as np
 
 from engines.fusion import (
     CLASSES,
+    CUT_FROM_CF,
     FEATURE_ORDER,
     MODELS_DIR,
     TRANSFORM_IDENTITY,
-    TRANSFORM_MEAN,
     TRANSFORM_PLR,
+    TRANSFORM_RULE,
+    rule,
 )
-from engines.metrics import binary_measures, multiclass_report, threshold_for_sensitivity
+from engines.metrics import binary_measures, multiclass_report, plot_roc, threshold_for_sensitivity
 from engines.training.provenance import training_platform
 from schemas.errors import InputError
 
 DEFAULT_TARGET_SN: Final = 0.95
 DEFAULT_FOLDS: Final = 10
 C_GRID: Final[tuple[float, ...]] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
-#: CT label that stands for both COVID-19 classes (the CT data have no severity grade).
-CT_COVID: Final = "covid"
-ID_COLUMNS: Final = ("patient_id", "pseudo_patient_id")
+RULE_VERSION: Final = "fusion-rule-1"
+CT_ONLY_SENSITIVE_CUT: Final = 0.2
+"""Sensitive cut on P(pneumonia) for CT alone: with the CT stage's rule, involvement of about
+0.19 % (the general cut, 0.5, is at 0.3 %); normal001 measures 0.09 %."""
+MIN_PER_CLASS: Final = 2
 
 
-@dataclass(frozen=True)
-class ScoreTable:
-    """Ids, labels and ``(n, 3)`` probabilities read from an out-of-fold score CSV."""
+def rule_document() -> dict[str, Any]:
+    """The shipped document: the rule, and each side alone."""
+    return {
+        "model": "fusion",
+        "version": RULE_VERSION,
+        "classes": list(CLASSES),
+        "feature_order": list(FEATURE_ORDER),
+        "both": "rule",
+        "thresholds": {"general": "argmax",
+                       "sensitive": "per mode: modes.<mode>.sensitive.covid_probability "
+                                    "('cf' = the CF model's cut)"},
+        "modes": {
+            "rule": {"transform": TRANSFORM_RULE, "inputs": list(FEATURE_ORDER),
+                     "description": "CF decides COVID-19 (P(control) = CF's), the CT the "
+                                    "severity (share of type2 = CT's type2 / (type1 + type2))",
+                     "sensitive": {"covid_probability": CUT_FROM_CF,
+                                   "chosen_on": "the CF model's out-of-fold scores"}},
+            "ct_only": {"transform": TRANSFORM_IDENTITY, "inputs": list(FEATURE_ORDER[:3]),
+                        "sensitive": {"covid_probability": CT_ONLY_SENSITIVE_CUT,
+                                      "chosen_on": "stated: P(pneumonia) 0.2, involvement "
+                                                   "about 0.19 %"}},
+            "cf_only": {"transform": TRANSFORM_IDENTITY, "inputs": list(FEATURE_ORDER[3:]),
+                        "sensitive": {"covid_probability": CUT_FROM_CF,
+                                      "chosen_on": "the CF model's out-of-fold scores"}},
+        },
+        "training": {"description": "nothing fitted: a stated rule (docs/models/fusion.md)"},
+    }
 
-    ids: list[str]
-    labels: list[str]
-    proba: np.ndarray
 
-
-def read_scores(path: Path) -> ScoreTable:
-    """Read ``<id>,label,control,type1,type2[,...]``; the id column is ``patient_id`` or
-    ``pseudo_patient_id``."""
+def read_paired(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(ids, y (n,), x (n, 6))`` from a paired CSV (module docstring)."""
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
-            cols = reader.fieldnames or []
-            id_col = next((c for c in ID_COLUMNS if c in cols), None)
-            missing = [c for c in ("label", *CLASSES) if c not in cols]
-            if id_col is None or missing:
-                raise InputError(f"{path}: needs columns patient_id (or pseudo_patient_id), "
-                                 f"label, {', '.join(CLASSES)}")
-            ids, labels, rows = [], [], []
-            for i, row in enumerate(reader, start=2):
+            need = ["patient_id", "label", *FEATURE_ORDER]
+            missing = [c for c in need if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+            ids, ys, xs = [], [], []
+            for line, row in enumerate(reader, start=2):
+                label = row["label"].strip().lower()
+                if label not in CLASSES:
+                    raise InputError(f"{path} line {line}: label {label!r} is not one of "
+                                     f"{', '.join(CLASSES)}")
                 try:
-                    rows.append([float(row[c]) for c in CLASSES])
+                    values = [float(row[c]) for c in FEATURE_ORDER]
                 except ValueError as exc:
-                    raise InputError(f"{path} line {i}: non-numeric score") from exc
-                ids.append(row[id_col])
-                labels.append(row["label"].strip().lower())
+                    raise InputError(f"{path} line {line}: a score is not a number") from exc
+                for side, part in (("CT", values[:3]), ("CF", values[3:])):
+                    if min(part) < 0 or abs(sum(part) - 1.0) > 1e-3:
+                        raise InputError(f"{path} line {line}: {side} scores are not "
+                                         "probabilities summing to 1")
+                ids.append(row["patient_id"])
+                ys.append(CLASSES.index(label))
+                xs.append(values)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
-    if not rows:
-        raise InputError(f"{path}: no rows")
-    return ScoreTable(ids, labels, np.asarray(rows, dtype=np.float64))
-
-
-def ct_label_for(label: str, ct_labels: set[str]) -> str:
-    """The CT label a CF label is paired with: the same label when the CT table has it, else
-    ``covid`` for type1 / type2."""
-    if label in ct_labels:
-        return label
-    if label in CLASSES[1:] and CT_COVID in ct_labels:
-        return CT_COVID
-    raise InputError(f"no CT score with a label matching {label!r} "
-                     f"(CT labels: {', '.join(sorted(ct_labels))})")
-
-
-def pair_by_label(cf: ScoreTable, ct: ScoreTable, pairs_per_patient: int,
-                  seed: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """The synthetic label-matched pairing: ``(X (n, 6), y (n,), [(cf_id, ct_id)])``. Each
-    CF patient gets ``pairs_per_patient`` CT rows drawn with replacement among matching
-    labels."""
-    if pairs_per_patient < 1:
-        raise InputError("--pairs-per-patient must be >= 1")
-    rng = np.random.default_rng(seed)
-    ct_labels = np.array(ct.labels)
-    pools = {lab: np.flatnonzero(ct_labels == lab) for lab in set(ct.labels)}
-    xs, ys, ids = [], [], []
-    for i, label in enumerate(cf.labels):
-        if label not in CLASSES:
-            raise InputError(f"CF score label {label!r} is not one of {', '.join(CLASSES)}")
-        pool = pools[ct_label_for(label, set(pools))]
-        for j in rng.choice(pool, size=pairs_per_patient, replace=True):
-            xs.append(np.concatenate([ct.proba[j], cf.proba[i]]))
-            ys.append(CLASSES.index(label))
-            ids.append((cf.ids[i], ct.ids[j]))
-    return np.asarray(xs), np.asarray(ys, dtype=np.int64), ids
+    y = np.asarray(ys, dtype=np.int64)
+    counts = np.bincount(y, minlength=len(CLASSES))
+    if counts.min() < MIN_PER_CLASS:
+        raise InputError(f"{path}: every class needs at least {MIN_PER_CLASS} patients "
+                         f"(has {dict(zip(CLASSES, counts.tolist(), strict=True))})")
+    return ids, y, np.asarray(xs, dtype=np.float64)
 
 
 def _plr(c: float) -> Any:
     from sklearn.linear_model import LogisticRegression
 
-    # The default penalty is L2; lbfgs on 3 classes fits the multinomial (softmax) model that
-    # engines.fusion applies.
+    # L2 penalty; lbfgs on 3 classes fits the multinomial (softmax) model engines.fusion applies.
     return LogisticRegression(C=c, solver="lbfgs", max_iter=5000)
 
 
 def choose_c(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> tuple[float, np.ndarray]:
-    """The C of ``C_GRID`` with the lowest cross-validated log-loss, and the out-of-fold
+    """The C of :data:`C_GRID` with the lowest cross-validated log-loss, and the out-of-fold
     probabilities at that C."""
     from sklearn.metrics import log_loss
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    k = min(folds, int(np.bincount(y).min()))
+    cv = StratifiedKFold(n_splits=max(k, 2), shuffle=True, random_state=seed)
     best: tuple[float, float, np.ndarray] | None = None
     for c in C_GRID:
         oof = cross_val_predict(_plr(c), x, y, cv=cv, method="predict_proba")
@@ -153,157 +148,90 @@ def choose_c(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> tuple[float
     return best[0], best[2]
 
 
-def _mode_summary(y: np.ndarray, proba: np.ndarray, cut: float) -> dict[str, Any]:
+def summary(y: np.ndarray, proba: np.ndarray, cut: float) -> dict[str, Any]:
+    """Per-class AUCs, COVID-19 vs control AUC and measures at ``cut``, arg-max accuracy."""
     rep = multiclass_report(y, proba, CLASSES)
     covid = binary_measures(y > 0, proba[:, 1] + proba[:, 2], cut)
     return {"auc": {**{c: rep["per_class"][c]["auc"] for c in CLASSES},
                     "covid_vs_control": covid["auc"]},
-            "accuracy_argmax": rep["accuracy"],
+            "accuracy_argmax": rep["accuracy"], "confusion_argmax": rep["confusion"],
             "covid_vs_control_at_sensitive": {k: covid[k] for k in ("sn", "sp", "ppv", "npv")}}
 
 
-def _covid_labels(labels: Sequence[str]) -> np.ndarray:
-    return np.array([lab != CLASSES[0] for lab in labels], dtype=bool)
+Curves = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
-def _sensitive(y_covid: np.ndarray, proba: np.ndarray, target: float,
-               chosen_on: str) -> dict[str, Any]:
-    cut = threshold_for_sensitivity(y_covid, proba[:, 1] + proba[:, 2], target)
-    return {"covid_probability": cut, "target_sensitivity": target, "chosen_on": chosen_on}
-
-
-def train(cf_path: Path, ct_path: Path, *, target_sn: float = DEFAULT_TARGET_SN,
-          pairs_per_patient: int = 1, seed: int = 0,
-          folds: int = DEFAULT_FOLDS) -> dict[str, Any]:
-    """Build the fusion document (see the module docstring)."""
-    cf, ct = read_scores(cf_path), read_scores(ct_path)
-    x, y, pairs = pair_by_label(cf, ct, pairs_per_patient, seed)
+def paired_document(path: Path, *, folds: int, target_sn: float,
+                    seed: int) -> tuple[dict[str, Any], dict[str, Any], Curves]:
+    """The PLR document, its report and the COVID-19 vs control curves to plot (module
+    docstring)."""
+    ids, y, x = read_paired(path)
     c, oof = choose_c(x, y, folds, seed)
     model = _plr(c).fit(x, y)
-    if list(model.classes_) != list(range(len(CLASSES))):
-        raise InputError("the pairing lacks a class: cannot fit three outputs")
-    plr_sens = _sensitive(y > 0, oof, target_sn, f"out-of-fold fused probabilities of a "
-                          f"stratified {folds}-fold CV over the training pairs")
-    cf_sens = _sensitive(_covid_labels(cf.labels), cf.proba, target_sn,
-                         f"out-of-fold CF scores ({cf_path.name})")
-    ct_sens = _sensitive(_covid_labels(ct.labels), ct.proba, target_sn,
-                         f"out-of-fold CT scores ({ct_path.name})")
-    counts = {lab: int(np.sum(y == i)) for i, lab in enumerate(CLASSES)}
-    return {
-        "model": "fusion",
-        "version": f"fusion-{datetime.now(UTC).strftime('%Y%m%d%H%M%S')}",
-        "classes": list(CLASSES),
-        "feature_order": list(FEATURE_ORDER),
-        "thresholds": {"general": "argmax",
-                       "sensitive": "per mode: modes.<mode>.sensitive.covid_probability"},
-        "modes": {
-            "plr": {"transform": TRANSFORM_PLR, "inputs": list(FEATURE_ORDER),
-                    "coef": model.coef_.tolist(), "intercept": model.intercept_.tolist(),
-                    "C": c, "penalty": "l2", "sensitive": plr_sens,
-                    "out_of_fold": _mode_summary(y, oof, plr_sens["covid_probability"])},
-            "ct_only": {"transform": TRANSFORM_IDENTITY, "inputs": list(FEATURE_ORDER[:3]),
-                        "sensitive": ct_sens},
-            "cf_only": {"transform": TRANSFORM_IDENTITY, "inputs": list(FEATURE_ORDER[3:]),
-                        "sensitive": cf_sens,
-                        "out_of_fold": _mode_summary(
-                            np.array([CLASSES.index(lab) for lab in cf.labels]), cf.proba,
-                            cf_sens["covid_probability"])},
-        },
-        "training": {
-            "description": (
-                "SYNTHETIC label-matched pairing, not clinical data: no cohort here has both CT "
-                "and lab values. Each CF patient's out-of-fold CF scores are paired with "
-                f"{pairs_per_patient} CT pseudo-patient score row(s) drawn with replacement "
-                "among matching labels (CT 'covid' matches type1 and type2). Fused figures "
-                "describe this pairing only and are not clinical performance."),
-            "cf_scores": cf_path.name, "ct_scores": ct_path.name,
-            "cf_patients": len(cf.ids), "ct_rows": len(ct.ids),
-            "ct_labels": {lab: ct.labels.count(lab) for lab in sorted(set(ct.labels))},
-            "pairs": len(pairs), "pair_class_counts": counts,
-            "pairs_per_patient": pairs_per_patient, "seed": seed,
-            "c_grid": list(C_GRID), "c_selection": f"stratified {folds}-fold log-loss",
-            "solver": "scikit-learn LogisticRegression (lbfgs, multinomial, L2)",
-            "platform": training_platform(),
-        },
-    }
-
-
-def train_interim(cf_path: Path, *, target_sn: float = DEFAULT_TARGET_SN) -> dict[str, Any]:
-    """The interim document used while no CT out-of-fold scores exist (module docstring)."""
-    cf = read_scores(cf_path)
-    cf_sens = _sensitive(_covid_labels(cf.labels), cf.proba, target_sn,
-                         f"out-of-fold CF scores ({cf_path.name})")
-    untrained = {"covid_probability": 0.5, "target_sensitivity": None,
-                 "chosen_on": "not chosen: no CT out-of-fold scores (interim default)"}
-    plr_sens = {**cf_sens, "chosen_on": f"interim: the cf_only cut ({cf_path.name})"}
-    y = np.array([CLASSES.index(lab) for lab in cf.labels])
-    return {
-        "model": "fusion",
-        "version": f"fusion-interim-{datetime.now(UTC).strftime('%Y%m%d%H%M%S')}",
-        "interim": True,
-        "classes": list(CLASSES),
-        "feature_order": list(FEATURE_ORDER),
-        "thresholds": {"general": "argmax",
-                       "sensitive": "per mode: modes.<mode>.sensitive.covid_probability"},
-        "modes": {
-            "plr": {"transform": TRANSFORM_MEAN, "inputs": list(FEATURE_ORDER),
-                    "interim": "untrained mean of the CT and CF probabilities: no CT scores "
-                               "to fit the PLR on", "sensitive": plr_sens},
-            "ct_only": {"transform": TRANSFORM_IDENTITY, "inputs": list(FEATURE_ORDER[:3]),
-                        "sensitive": untrained},
-            "cf_only": {"transform": TRANSFORM_IDENTITY, "inputs": list(FEATURE_ORDER[3:]),
-                        "sensitive": cf_sens,
-                        "out_of_fold": _mode_summary(y, cf.proba,
-                                                     cf_sens["covid_probability"])},
-        },
-        "training": {
-            "description": (
-                "INTERIM: no CT out-of-fold scores existed when this was written, so no PLR "
-                "was fitted. Re-run `hust19 train fusion --cf-scores cf_scores_oof.csv "
-                "--ct-scores patient_scores_oof.csv`."),
-            "cf_scores": cf_path.name, "cf_patients": len(cf.ids),
-        },
-    }
+    covid = y > 0
+    cut = threshold_for_sensitivity(covid, oof[:, 1] + oof[:, 2], target_sn)
+    ruled = rule(x)
+    rule_cut = threshold_for_sensitivity(covid, ruled[:, 1] + ruled[:, 2], target_sn)
+    report = {"patients": len(ids),
+              "class_counts": dict(zip(CLASSES, np.bincount(y, minlength=3).tolist(),
+                                       strict=True)),
+              "plr_out_of_fold": summary(y, oof, cut),
+              "rule_same_patients": summary(y, ruled, rule_cut),
+              "note": "the rule has no fitted number, so its figures on these patients are "
+                      "not optimistic; the PLR's are out-of-fold at the chosen C"}
+    doc = rule_document()
+    doc.update(version=f"fusion-{datetime.now(UTC):%Y%m%d%H%M%S}", both="plr")
+    doc["modes"]["plr"] = {
+        "transform": TRANSFORM_PLR, "inputs": list(FEATURE_ORDER),
+        "coef": model.coef_.tolist(), "intercept": model.intercept_.tolist(),
+        "C": c, "penalty": "l2",
+        "sensitive": {"covid_probability": cut, "target_sensitivity": target_sn,
+                      "chosen_on": f"out-of-fold fused probabilities ({folds}-fold)"}}
+    doc["training"] = {"description": f"PLR fitted on the paired CT + lab scores of "
+                                      f"{len(ids)} patients ({path.name})",
+                       "c_grid": list(C_GRID), "seed": seed, "platform": training_platform(),
+                       "report": report}
+    curves = {"PLR (out-of-fold)": (covid, oof[:, 1] + oof[:, 2]),
+              "rule": (covid, ruled[:, 1] + ruled[:, 2])}
+    return doc, report, curves
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Flags of ``hust19 train fusion``."""
-    parser.add_argument("--cf-scores", type=Path, required=True,
-                        help="out-of-fold CF scores (patient_id,label,control,type1,type2)")
-    parser.add_argument("--ct-scores", type=Path, default=None,
-                        help="out-of-fold CT scores (pseudo_patient_id,label,control,type1,"
-                             "type2[,fold]); without it an INTERIM document is written")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--rule", action="store_true",
+                      help="write the stated rule (the shipped document)")
+    what.add_argument("--paired", type=Path, metavar="CSV",
+                      help="fit the PLR on a site's paired CT + lab scores")
     parser.add_argument("--out", type=Path, default=MODELS_DIR,
                         help="folder for fusion.json (default: the package's models folder)")
     parser.add_argument("--target-sn", type=float, default=DEFAULT_TARGET_SN)
-    parser.add_argument("--pairs-per-patient", type=int, default=1)
     parser.add_argument("--folds", type=int, default=DEFAULT_FOLDS)
     parser.add_argument("--seed", type=int, default=0)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point; writes fusion.json and prints a summary. Exit 2 on bad input."""
-    from tqdm import tqdm
-
+    """Entry point; writes fusion.json (and the report with ``--paired``). Exit 2 on bad
+    input."""
     try:
-        with tqdm(total=1, desc="train fusion", unit="fit") as bar:
-            if args.ct_scores is None:
-                doc = train_interim(args.cf_scores, target_sn=args.target_sn)
-            else:
-                doc = train(args.cf_scores, args.ct_scores, target_sn=args.target_sn,
-                            pairs_per_patient=args.pairs_per_patient, seed=args.seed,
-                            folds=args.folds)
-            bar.update(1)
+        report: dict[str, Any] | None = None
+        if args.rule:
+            doc = rule_document()
+        else:
+            doc, report, curves = paired_document(args.paired, folds=args.folds,
+                                                  target_sn=args.target_sn, seed=args.seed)
     except InputError as exc:
-        print(f"hust19 train fusion: {exc.message}", file=sys.stderr)
+        print(f"hust19: error: {exc.message}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "fusion.json"
     path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    plr = doc["modes"]["plr"]
-    print(json.dumps({"written": str(path), "version": doc["version"],
-                      "interim": doc.get("interim", False), "C": plr.get("C"),
-                      "plr_out_of_fold_auc": plr.get("out_of_fold", {}).get("auc"),
-                      "sensitive": {m: doc["modes"][m]["sensitive"]["covid_probability"]
-                                    for m in doc["modes"]}}, indent=1))
+    if report is not None:
+        (args.out / "fusion-report.json").write_text(json.dumps(report, indent=1) + "\n")
+        plot_roc(curves, args.out / "fusion-roc.png", "Fusion: COVID-19 vs control")
+    print(json.dumps({"written": str(path), "version": doc["version"], "both": doc["both"],
+                      "report": report}, indent=1))
     return 0
+
+
+__all__ = ["choose_c", "paired_document", "read_paired", "rule_document", "summary"]
