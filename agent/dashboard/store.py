@@ -3,9 +3,10 @@
 Tables (all named ``dashboard_*`` so that the dashboard can share a database):
 
 * ``results``: one row per ``result_id`` (one per series), the highest revision seen, with the
-  columns the worklist filters and sorts on and the whole result as JSON (version 2; version-1
-  results are stored as upgraded by :func:`schemas.messages.parse_result`).
-* ``revisions``: every revision ever received (history on the patient page).
+  columns the worklist filters and sorts on (a compact table: scans stay fast).
+* ``revisions``: every revision ever received, each with the whole result as JSON (version 2;
+  version-1 results are stored as upgraded by :func:`schemas.messages.parse_result`); the
+  patient page reads the current one from here.
 * ``evidence_sets`` / ``evidence_slices``: the evidence thumbnails of each result; only the
   newest revision's set is kept per result (the store stays small).
 * ``dead_letters``: the ``triage.dlq`` entries without their original bytes (the size is kept).
@@ -87,6 +88,8 @@ PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
 MAX_THUMBNAIL_BYTES: Final = 1 << 20
 """An evidence thumbnail larger than this (decoded) is refused: thumbnails are small."""
 SQLITE_BUSY_TIMEOUT_S: Final = 30.0
+SQLITE_CACHE_KIB: Final = 8192
+"""SQLite page cache per connection (the worklist table and its indexes of 10,000 results fit)."""
 SESSION_TOUCH_S: Final = 60.0
 """A session's last-seen time is written at most this often."""
 SECRET_KEY: Final = "secret"  # noqa: S105 - the name of a row, not a secret
@@ -131,7 +134,6 @@ results = Table(
     Column("ack_at", DateTime),
     Column("ack_revision", Integer),
     Column("acked", Boolean, nullable=False, default=False),
-    Column("doc", Text, nullable=False),
 )
 Index(f"ix_{PREFIX}results_order", results.c.urgency, results.c.result_ready.desc())
 Index(f"ix_{PREFIX}results_patient", results.c.patient_id)
@@ -482,6 +484,7 @@ class Store:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")  # the audit must survive a power loss
             cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -543,7 +546,7 @@ class Store:
                                       results.c.result_ready, results.c.ack_revision)
                                .where(results.c.result_id == r.result_id)
                                .with_for_update()).first()
-        values = _row_values(r, digest, doc, now)
+        values = _row_values(r, digest, now)
         if current is None:
             conn.execute(insert(results).values(result_id=r.result_id, acked=False, **values))
             stats.new += 1
@@ -644,7 +647,11 @@ class Store:
     def detail(self, result_id: str) -> ResultDetail | None:
         """Everything the patient page shows of one result."""
         with self._errors("read a result"), self._read.begin() as conn:
-            r = conn.execute(select(*ROW_COLUMNS, results.c.digest, results.c.doc)
+            r = conn.execute(select(*ROW_COLUMNS, results.c.digest, revisions.c.doc)
+                             .join_from(results, revisions, and_(
+                                 revisions.c.result_id == results.c.result_id,
+                                 revisions.c.revision == results.c.revision,
+                                 revisions.c.digest == results.c.digest))
                              .where(results.c.result_id == result_id)).first()
             if r is None:
                 return None
@@ -851,7 +858,7 @@ def decode_thumbnail(png_b64: str) -> bytes:
     return data
 
 
-def _row_values(r: TriageResult, digest: str, doc: str, now: datetime) -> dict[str, Any]:
+def _row_values(r: TriageResult, digest: str, now: datetime) -> dict[str, Any]:
     t = r.timings
     turnaround = ((t.result_ready - t.last_instance_received).total_seconds()
                   if t.last_instance_received is not None else None)
@@ -870,5 +877,5 @@ def _row_values(r: TriageResult, digest: str, doc: str, now: datetime) -> dict[s
         "severity": q.severity if q is not None else None,
         "turnaround_s": turnaround, "received_at": naive_utc(received),
         "result_ready": naive_utc(t.result_ready), "stored_at": now,
-        "skip_reason": r.skip_reason, "doc": doc,
+        "skip_reason": r.skip_reason,
     }
