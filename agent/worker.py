@@ -210,7 +210,8 @@ class TriageWorker:
             self._consumer = self.bus.consumer(self.group_id,
                                                [topics.DICOM_INSTANCES, topics.DICOM_SERIES])
             self._producer = self.bus.producer()
-            log.info("worker joined group %s on %s; backend %s; algorithm %s (%s)",
+            log.info("worker subscribed as a member of group %s on %s (joining: its "
+                     "partitions are logged when assigned); backend %s; algorithm %s (%s)",
                      self.group_id, self.bus.describe(), self.models.backend_name,
                      self.models.version, ", ".join(f"{k} {v}" for k, v in
                                                     sorted(self.models.versions.items())))
@@ -299,6 +300,10 @@ class TriageWorker:
             if dropped:
                 log.info("partition %s revoked: %d unfinished series handed back", tp,
                          len(dropped))
+        if now - self._assignment:
+            log.info("group %s: partitions assigned to this worker: %s (now %d)",
+                     self.group_id, ", ".join(f"{t}[{p}]" for t, p in
+                                              sorted(now - self._assignment)), len(now))
         self._assignment = now
 
     # --- instances -------------------------------------------------------------------------

@@ -88,11 +88,6 @@ DLQ_PAGE_SIZE: Final = 50
 CSV_CHUNK_ROWS: Final = 500
 """Rows per chunk of the CSV export (each chunk is one hop to the worker thread)."""
 CSV_INJECTION: Final = ("=", "+", "-", "@", "\t", "\r")
-RETRY_HINT: Final = ("this agent version cannot requeue a series from its spool, and a series "
-                     "sent again is recognised as received and not triaged twice; once the "
-                     "cause is fixed, `hust19 predict FOLDER` re-runs the series' files "
-                     "offline (docs/dashboard.md, \"Dead letters\").")
-"""What the DLQ view says about retrying (see docs/dashboard.md, "Dead letters")."""
 SECURITY_HEADERS: Final = [
     (b"content-security-policy",
      b"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -511,7 +506,7 @@ def create_app(state: DashboardState) -> Starlette:
                       pages=max(1, -(-total // DLQ_PAGE_SIZE)), consumer=state.consumer_status(),
                       roles=probe_roles(s.role), groups=embedded_group_lags(state.bus),
                       bus=state.bus_describe, store_url=state.store.display_url,
-                      retry_hint=RETRY_HINT, settings=s)
+                      settings=s)
 
     # --- login ---------------------------------------------------------------------------------
     def login_form(request: Request) -> Response:

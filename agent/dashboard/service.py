@@ -159,7 +159,7 @@ class Dashboard:
         logger.info("dashboard on %s (%s; TLS %s)", self.url, who, "on" if s.tls else
                     "off: use --tls-cert/--tls-key or a TLS proxy beyond this machine")
         logger.info("dashboard database: %s%s", self.store.display_url,
-                    " (SQLite: one dashboard process; use --db postgresql://... to share it)"
+                    " (SQLite, for one box; --db postgresql://... for a database server)"
                     if self.store.is_sqlite else "")
         logger.info("dashboard reads %s as group %s", self.bus.describe(), s.consumer_group)
         if self._lis is not None:

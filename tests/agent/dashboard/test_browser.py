@@ -193,10 +193,14 @@ def test_layout_ward_pc_and_tablet_accessible(page: Any,
     dash = start_dashboard()
     wait_rows(dash, 30)
     log_in(page, dash)
-    for size in ({"width": 1366, "height": 768}, {"width": 768, "height": 1024}):
+    for size in ({"width": 1366, "height": 768}, {"width": 768, "height": 1024},
+                 {"width": 1024, "height": 768}):
         page.set_viewport_size(size)
-        # the page itself never scrolls sideways (wide tables scroll in their own box)
+        # the page never scrolls sideways, and the acknowledge buttons are in view
         assert page.evaluate("document.documentElement.scrollWidth") <= size["width"]
+        box = page.get_by_role("button", name=re.compile("Acknowledge result")).first \
+            .bounding_box()
+        assert box is not None and box["x"] + box["width"] <= size["width"]
     # every form control has a label; the page has its landmarks
     unlabelled = page.evaluate(
         "[...document.querySelectorAll('input:not([type=hidden]), select')]"
