@@ -262,12 +262,15 @@ def card(doc: dict[str, Any]) -> str:
              "held-out series)", "",
              "| held out | AUC | position baseline AUC | raw position AUC | Sn | Sp | lung slices "
              "positive |", "|---|---|---|---|---|---|---|"]
+    def num(value: Any) -> str:
+        return "n/a" if value is None else f"{float(value):.3f}"
+
     for r in doc["evaluation"]["leave_one_series_out"]:
         m = r.get("measures", {})
-        lines.append(f"| {r['series']} | {m.get('auc', 'n/a')} | "
-                     f"{r.get('position_baseline_auc', 'n/a')} | "
-                     f"{r.get('position_raw_auc_best_direction', 'n/a')} | {m.get('sn', 'n/a')}"
-                     f" | {m.get('sp', 'n/a')} | {r['positive_lung_slices']} of "
+        lines.append(f"| {r['series']} | {num(m.get('auc'))} | "
+                     f"{num(r.get('position_baseline_auc'))} | "
+                     f"{num(r.get('position_raw_auc_best_direction'))} | {num(m.get('sn'))}"
+                     f" | {num(m.get('sp'))} | {r['positive_lung_slices']} of "
                      f"{r['lung_slices']} |")
     lines += ["", "These are the only labelled series the scorer has seen; they are not a "
               "clinical evaluation."]

@@ -1,158 +1,127 @@
-"""engines.fusion (NumPy PLR from JSON) and engines.training.fusion (pairing, thresholds)."""
+"""Fusion (engines.fusion) and its training (engines.training.fusion): the stated rule that is
+shipped, the PLR a site fits on paired data, and the single-modality modes."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import sklearn
 
 from engines import fusion
 from engines.training import fusion as training
 from schemas.errors import EngineError, InputError
 
+CT_NO_PNEUMONIA = np.array([0.97, 0.03, 0.0])
+CT_MILD = np.array([0.01, 0.95, 0.04])
+CT_SEVERE = np.array([0.0, 0.1, 0.9])
+CF_CONTROL = np.array([0.8, 0.15, 0.05])
+CF_COVID = np.array([0.1, 0.6, 0.3])
+
 
 @pytest.fixture(scope="module")
-def cf_oof(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    """A CF score file in the training format (patient_id,label,control,type1,type2): the
-    shipped CF model's scores of the scored iCTCF patients. The real out-of-fold file stays
-    out of the repository (it carries iCTCF labels); its format is what matters here."""
-    from engines.cf import CfModel
-    from engines.ictcf import load_cohort
-    from engines.training.cf import write_scores
+def shipped() -> fusion.FusionModel:
+    return fusion.FusionModel.load_default()
 
-    scored = [p for p in load_cohort(shared_data / "ictcf").patients if p.scored]
-    proba = CfModel.load_default().predict_values([p.values for p in scored])
-    path = tmp_path_factory.mktemp("cf") / "cf_scores_oof.csv"
-    write_scores(path, [p.patient_id for p in scored], [p.label for p in scored], proba)
+
+def test_shipped_document_is_the_rule_written_by_the_command(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "train", "fusion", "--rule",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "fusion.json").read_text()) == json.loads(
+        fusion.DEFAULT_JSON.read_text())
+
+
+def test_cf_decides_covid_and_ct_decides_severity(shipped: fusion.FusionModel) -> None:
+    out = shipped.combine(CT_SEVERE, CF_CONTROL)
+    assert out.mode == "rule"
+    assert out.proba[0] == pytest.approx(CF_CONTROL[0])  # a severe CT does not make COVID-19
+    assert out.flag_general == "control"
+    covid_mild = shipped.combine(CT_MILD, CF_COVID)
+    covid_severe = shipped.combine(CT_SEVERE, CF_COVID)
+    assert covid_mild.covid_probability == pytest.approx(0.9)
+    assert covid_severe.covid_probability == pytest.approx(0.9)
+    assert covid_mild.flag_general == "type1" and covid_severe.flag_general == "type2"
+    assert covid_severe.proba[2] == pytest.approx(0.9 * 0.9)
+    clear_ct = shipped.combine(CT_NO_PNEUMONIA, CF_COVID)
+    assert clear_ct.flag_general == "type1"  # COVID-19 without CT signs is not severe
+    for out in (covid_mild, covid_severe, clear_ct):
+        assert out.proba.sum() == pytest.approx(1.0)
+
+
+def test_one_side_missing_uses_the_other_unchanged(shipped: fusion.FusionModel) -> None:
+    ct = shipped.combine(CT_MILD, None)
+    assert ct.mode == "ct_only" and np.allclose(ct.proba, CT_MILD)
+    cf = shipped.combine(None, CF_COVID)
+    assert cf.mode == "cf_only" and np.allclose(cf.proba, CF_COVID)
+    with pytest.raises(InputError):
+        shipped.combine(None, None)
+    with pytest.raises(InputError, match="summing to 1"):
+        shipped.combine(np.array([0.5, 0.5, 0.5]), None)
+
+
+def test_sensitive_cuts_come_from_the_cf_model(shipped: fusion.FusionModel) -> None:
+    cf_cut = fusion.cf_sensitive_cut()
+    assert shipped.sensitive_cut("rule") == shipped.sensitive_cut("cf_only") == cf_cut
+    assert shipped.sensitive_cut("ct_only") == training.CT_ONLY_SENSITIVE_CUT
+    given = fusion.FusionModel.load_default(cf_cut=0.42)
+    assert given.sensitive_cut("rule") == 0.42
+    just_below = np.array([1 - (cf_cut - 0.01), cf_cut - 0.02, 0.01])
+    assert shipped.combine(CT_MILD, just_below).flag_sensitive == "control"
+    just_above = np.array([1 - (cf_cut + 0.01), cf_cut, 0.01])
+    assert shipped.combine(CT_MILD, just_above).flag_sensitive == "type1"
+
+
+def _paired_csv(path: Path, n: int = 90, seed: int = 1) -> Path:
+    """Patients whose CT and CF scores both carry their class (with noise)."""
+    rng = np.random.default_rng(seed)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["patient_id", "label", *fusion.FEATURE_ORDER])
+        for i in range(n):
+            label = i % 3
+            ct = rng.dirichlet(np.ones(3) + 4 * np.eye(3)[label])
+            cf = rng.dirichlet(np.ones(3) + 3 * np.eye(3)[label])
+            w.writerow([f"p{i}", fusion.CLASSES[label], *ct.round(6), *cf.round(6)])
     return path
 
 
-@pytest.fixture(scope="module")
-def ct_scores(tmp_path_factory: pytest.TempPathFactory, cf_oof: Path) -> Path:
-    """A CT score file in the patient-CNN format (pseudo_patient_id,label,...,fold) with the
-    CT data's labels (control / covid). Its scores are real out-of-fold scores (those of the
-    shipped CF model, relabelled): a stand-in with the right format and label scheme, so that
-    these tests do not depend on the patient-CNN training having run."""
-    path = tmp_path_factory.mktemp("ct") / "patient_scores_oof.csv"
-    with cf_oof.open() as src, path.open("w", newline="") as dst:
-        w = csv.writer(dst)
-        w.writerow(["pseudo_patient_id", "label", "control", "type1", "type2", "fold"])
-        for i, r in enumerate(list(csv.DictReader(src))[::4]):
-            w.writerow([f"pp{i:03d}", "control" if r["label"] == "control" else "covid",
-                        r["control"], r["type1"], r["type2"], i % 5])
-    return path
+def test_plr_from_paired_data_is_used_when_both_sides_exist(tmp_path: Path) -> None:
+    paired = _paired_csv(tmp_path / "paired.csv")
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "train", "fusion", "--paired",
+                           str(paired), "--out", str(tmp_path / "out"), "--folds", "5"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    model = fusion.FusionModel.load(tmp_path / "out" / "fusion.json", cf_cut=0.2)
+    assert model.both == "plr"
+    report = json.loads((tmp_path / "out" / "fusion-report.json").read_text())
+    assert report["plr_out_of_fold"]["auc"]["covid_vs_control"] > 0.8
+    assert "rule_same_patients" in report
+    assert (tmp_path / "out" / "fusion-roc.png").stat().st_size > 1000
+    out = model.combine(np.array([0.05, 0.9, 0.05]), np.array([0.05, 0.9, 0.05]))
+    assert out.mode == "plr" and out.flag_general == "type1"
+    assert model.combine(CT_MILD, None).mode == "ct_only"
 
 
-@pytest.fixture(scope="module")
-def trained(ct_scores: Path, cf_oof: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fusion")
-    args = argparse.Namespace(cf_scores=cf_oof, ct_scores=ct_scores, out=out, target_sn=0.95,
-                              pairs_per_patient=2, folds=5, seed=0)
-    assert training.main(args) == 0
-    return out / "fusion.json"
-
-
-def test_pairing_is_label_matched(ct_scores: Path, cf_oof: Path) -> None:
-    cf, ct = training.read_scores(cf_oof), training.read_scores(ct_scores)
-    x, y, pairs = training.pair_by_label(cf, ct, 3, seed=1)
-    assert x.shape == (3 * len(cf.ids), 6) and len(pairs) == len(y)
-    ct_label = dict(zip(ct.ids, ct.labels, strict=True))
-    for (_, ct_id), yi in zip(pairs, y, strict=True):
-        assert ct_label[ct_id] == ("control" if yi == 0 else "covid")
-    x2, _, _ = training.pair_by_label(cf, ct, 3, seed=1)
-    np.testing.assert_array_equal(x, x2)  # seeded: reproducible
-    with pytest.raises(InputError, match="matching"):
-        only_covid = training.ScoreTable(ct.ids[:1], ["covid"], ct.proba[:1])
-        training.pair_by_label(cf, only_covid, 1, seed=0)
-
-
-def test_json_round_trip_matches_sklearn(trained: Path, ct_scores: Path, cf_oof: Path) -> None:
-    doc = json.loads(trained.read_text())
-    assert "SYNTHETIC" in doc["training"]["description"]
-    assert doc["training"]["platform"]["libraries"]["scikit-learn"] == sklearn.__version__
-    model = fusion.FusionModel.load(trained)
-    cf, ct = training.read_scores(cf_oof), training.read_scores(ct_scores)
-    x, y, _ = training.pair_by_label(cf, ct, 2, seed=0)
-    ref = training._plr(doc["modes"]["plr"]["C"]).fit(x, y).predict_proba(x)
-    np.testing.assert_allclose(model.apply("plr", x), ref, atol=1e-6)
-    again = fusion.FusionModel(json.loads(json.dumps(model.doc)))
-    assert again.version == model.version
-
-
-def test_thresholds_reach_target_sensitivity(trained: Path, ct_scores: Path,
-                                             cf_oof: Path) -> None:
-    doc = json.loads(trained.read_text())
-    model = fusion.FusionModel.load(trained)
-    modes: tuple[tuple[fusion.Mode, Path], ...] = (("cf_only", cf_oof), ("ct_only", ct_scores))
-    for mode, path in modes:
-        t = training.read_scores(path)
-        covid = t.proba[:, 1] + t.proba[:, 2]
-        pos = np.array([lab != "control" for lab in t.labels])
-        assert np.mean(covid[pos] >= model.sensitive_cut(mode)) >= 0.95
-    oof = doc["modes"]["plr"]["out_of_fold"]["covid_vs_control_at_sensitive"]
-    assert oof["sn"] >= 0.95
-
-
-def test_combine_modes_and_flags(trained: Path) -> None:
-    model = fusion.FusionModel.load(trained)
-    ct = np.array([0.1, 0.6, 0.3])
-    cf = np.array([0.2, 0.3, 0.5])
-    both = model.combine(ct, cf)
-    assert both.mode == "plr" and both.proba.shape == (3,)
-    assert both.proba.sum() == pytest.approx(1.0)
-    assert both.flag_general == fusion.CLASSES[int(np.argmax(both.proba))]
-    ct_only = model.combine(ct, None)
-    assert ct_only.mode == "ct_only"
-    np.testing.assert_allclose(ct_only.proba, ct)
-    assert ct_only.flag_general == "type1"
-    cf_only = model.combine(None, cf)
-    assert cf_only.mode == "cf_only" and cf_only.flag_general == "type2"
-    with pytest.raises(InputError):
-        model.combine(None, None)
-    with pytest.raises(InputError):
-        model.combine(np.array([0.5, 0.5]), None)
-    with pytest.raises(InputError):
-        model.combine(np.array([0.9, 0.9, 0.9]), None)
-
-
-def test_sensitive_flag_rule(trained: Path) -> None:
-    model = fusion.FusionModel.load(trained)
-    cut = model.sensitive_cut("cf_only")
-    # COVID probability just above the cut: sensitive flag is the larger COVID class
-    c = min(cut + 1e-6, 1.0)
-    assert model.combine(None, np.array([1 - c, 0.4 * c, 0.6 * c])).flag_sensitive == "type2"
-    assert model.combine(None, np.array([1 - c, 0.6 * c, 0.4 * c])).flag_sensitive == "type1"
-    c = cut / 2  # below the cut: control, whatever the arg-max among the COVID classes
-    assert model.combine(None, np.array([1 - c, 0.5 * c, 0.5 * c])).flag_sensitive == "control"
-    assert fusion.sensitive_flags(np.array([[0.5, 0.3, 0.2]]), 0.4) == ["type1"]
-
-
-def test_bad_document_is_engine_error(trained: Path) -> None:
-    doc = json.loads(trained.read_text())
-    doc["modes"]["plr"]["coef"] = [[0.0] * 5] * 3
-    with pytest.raises(EngineError):
-        fusion.FusionModel(doc)
+def test_bad_paired_files_and_documents_are_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("patient_id,label,ct_control\np1,type1,1\n")
+    with pytest.raises(InputError, match="missing column"):
+        training.read_paired(bad)
+    one_class = _paired_csv(tmp_path / "paired.csv", n=3)
+    with pytest.raises(InputError, match="at least 2"):
+        training.read_paired(one_class)
+    doc = training.rule_document()
+    doc["modes"]["ct_only"]["transform"] = "rule"
+    with pytest.raises(EngineError, match="needs both"):
+        fusion.FusionModel(doc, cf_cut=0.2)
     with pytest.raises(EngineError):
         fusion.FusionModel({"classes": ["a"]})
-
-
-def test_shipped_fusion_loads() -> None:
-    model = fusion.FusionModel.load_default()
-    out = model.combine(None, np.array([0.2, 0.5, 0.3]))
-    assert out.mode == "cf_only" and out.flag_general == "type1"
-
-
-def test_interim_document_without_ct_scores(tmp_path: Path, cf_oof: Path) -> None:
-    args = argparse.Namespace(cf_scores=cf_oof, ct_scores=None, out=tmp_path, target_sn=0.9,
-                              pairs_per_patient=1, folds=5, seed=0)
-    assert training.main(args) == 0
-    model = fusion.FusionModel.load(tmp_path / "fusion.json")
-    assert model.interim
-    ct, cf = np.array([0.2, 0.6, 0.2]), np.array([0.6, 0.2, 0.2])
-    np.testing.assert_allclose(model.combine(ct, cf).proba, [0.4, 0.4, 0.2])
-    assert model.sensitive_cut("plr") == model.sensitive_cut("cf_only")
+    doc = training.rule_document()
+    doc["both"] = "plr"  # no plr mode in the document
+    with pytest.raises(EngineError, match="missing"):
+        fusion.FusionModel(doc, cf_cut=0.2)
