@@ -75,7 +75,7 @@ class Agent:
         self._own_bus = bus is None
         self.bus: Bus = bus if bus is not None else open_bus(
             settings.bus, settings.data_dir, compression=settings.kafka_compression,
-            retention_h=settings.bus_retention_h)
+            retention_h=settings.bus_retention_h, kafka_client=settings.kafka_client_settings)
         self.spool: Spool | None = None
         self.tracker: SeriesTracker | None = None
         self.outbox: Outbox | None = None

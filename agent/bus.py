@@ -15,9 +15,10 @@ invoke after the work for those messages is finished.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from schemas.errors import ConfigError
 
@@ -116,13 +117,14 @@ class Bus(ABC):
 
 
 def open_bus(url: str, data_dir: Path, *, compression: str = "none",
-             retention_h: float = 0.0) -> Bus:
+             retention_h: float = 0.0, kafka_client: Mapping[str, Any] | None = None) -> Bus:
     """The bus named by ``url``: ``embedded`` (under ``data_dir/bus``) or
     ``kafka://host:port[,host:port...]``. Raises :class:`ConfigError` for anything else.
 
     ``retention_h`` is the embedded log's retention (0 = keep for ever; the agent passes
     ``Settings.bus_retention_h``); on Kafka the topics' own configuration owns retention and
-    it is ignored. ``compression`` applies to Kafka only."""
+    it is ignored. ``compression`` and ``kafka_client`` (kafka-python settings, e.g.
+    ``Settings.kafka_client_settings``) apply to Kafka only."""
     if url == "embedded":
         from agent.bus_embedded import EmbeddedBus
 
@@ -133,5 +135,5 @@ def open_bus(url: str, data_dir: Path, *, compression: str = "none",
         servers = [s for s in url.removeprefix("kafka://").split(",") if s]
         if not servers:
             raise ConfigError(f"bus URL {url!r} names no broker")
-        return KafkaBus(servers, compression=compression)
+        return KafkaBus(servers, compression=compression, **dict(kafka_client or {}))
     raise ConfigError(f"bus URL {url!r}: expected 'embedded' or 'kafka://host:port'")

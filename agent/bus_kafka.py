@@ -13,11 +13,28 @@ only by :meth:`KafkaConsumerAdapter.commit` (after the work is done: at-least-on
 ``None`` the consumer assigns itself every partition of the topics and reads from the beginning
 (the ``bus dump`` mode).
 
-Client settings. Apache Kafka's defaults are used in production. Any kafka-python setting may be
-passed as a keyword argument (``KafkaBus(servers, session_timeout_ms=6000)``); it goes to every
-client (producer, consumer, admin) that knows it. The group timeouts can also be set by
-environment variable: ``HUST19_KAFKA_SESSION_TIMEOUT_MS``, ``HUST19_KAFKA_HEARTBEAT_INTERVAL_MS``,
+Group settings for the edge (:data:`EDGE_GROUP_SETTINGS`): session timeout 6 s, heartbeat
+0.5 s, max poll interval 30 s, kafka-python's eager assignors (range, round robin). kafka-python's
+defaults (45 s session) made a dead worker's series wait 69 s and a joining worker stall the
+others 24 s (issue 20); measured with the test broker (``bench/kafka_group.py``): failover
+9.3-10.2 s, join stall 3.1-3.2 s. kafka-python 3 also offers incremental cooperative
+rebalancing (``cooperative-sticky``, KIP-429) and static membership (``group_instance_id``,
+KIP-345); with the test broker the first stalled members up to 11 s on a join and a killed
+static member's partitions were not reassigned within 60 s, so the eager protocol is used and
+static membership is opt-in (``Settings.kafka_instance_id``), not measured on Apache Kafka.
+The agent passes its settings (``Settings.kafka_client_settings``) through :func:`open_bus`.
+
+Client settings. Any kafka-python setting may be passed as a keyword argument
+(``KafkaBus(servers, session_timeout_ms=6000)``); it goes to every client (producer, consumer,
+admin) that knows it. The group timeouts can also be set by environment variable:
+``HUST19_KAFKA_SESSION_TIMEOUT_MS``, ``HUST19_KAFKA_HEARTBEAT_INTERVAL_MS``,
 ``HUST19_KAFKA_MAX_POLL_INTERVAL_MS``, ``HUST19_KAFKA_REQUEST_TIMEOUT_MS`` (keyword arguments win).
+
+Idempotence: the producer is idempotent (``enable_idempotence``: the broker assigns it a
+producer id, :attr:`KafkaProducerAdapter.producer_id`, and drops a batch it retries after a lost
+acknowledgement). This holds within one producer: the outbox makes a new producer after a bus
+failure and re-sends what was not marked published, so a consumer still deduplicates by SOP
+Instance UID.
 Topic creation uses ``HUST19_KAFKA_PARTITIONS`` (default :data:`DEFAULT_PARTITIONS`) and
 ``HUST19_KAFKA_REPLICATION_FACTOR`` (default ``-1``: the broker's default).
 
@@ -39,6 +56,11 @@ from kafka.record import util as record_util
 from kafka.structs import OffsetAndMetadata
 
 from agent.bus import Bus, Consumer, Headers, Message, Producer
+from agent.config import (
+    KAFKA_HEARTBEAT_INTERVAL_MS,
+    KAFKA_MAX_POLL_INTERVAL_MS,
+    KAFKA_SESSION_TIMEOUT_MS,
+)
 from schemas.errors import BusError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -57,6 +79,13 @@ CLOSE_TIMEOUT_S: Final = 10.0
 """How long closing a producer waits for its pending messages to be acknowledged."""
 
 COMPRESSIONS: Final = ("none", "gzip", "snappy", "lz4", "zstd")
+
+EDGE_GROUP_SETTINGS: Final = {
+    "session_timeout_ms": KAFKA_SESSION_TIMEOUT_MS,
+    "heartbeat_interval_ms": KAFKA_HEARTBEAT_INTERVAL_MS,
+    "max_poll_interval_ms": KAFKA_MAX_POLL_INTERVAL_MS,
+}
+"""The consumer-group settings used unless told otherwise (see the module docstring)."""
 
 ENV_PREFIX: Final = "HUST19_KAFKA_"
 ENV_CLIENT_SETTINGS: Final = ("session_timeout_ms", "heartbeat_interval_ms",
@@ -164,6 +193,7 @@ class KafkaBus(Bus):
     def consumer_config(self, group_id: str | None) -> dict[str, Any]:
         """The keyword arguments given to ``KafkaConsumer``."""
         return self._config(_CONSUMER_KEYS, {
+            **EDGE_GROUP_SETTINGS,
             "group_id": group_id,
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
@@ -185,6 +215,11 @@ class KafkaBus(Bus):
     def producer(self) -> KafkaProducerAdapter:
         with _translate(f"cannot create a producer for {','.join(self.servers)}"):
             return KafkaProducerAdapter(KafkaProducer(**self.producer_config()))
+
+    def consumer_group_settings(self) -> dict[str, Any]:
+        """The group settings a member of this bus uses (for the startup log)."""
+        cfg = self.consumer_config("group")
+        return {k: cfg[k] for k in (*EDGE_GROUP_SETTINGS, "group_instance_id") if k in cfg}
 
     def consumer(self, group_id: str | None, topics: Sequence[str]) -> KafkaConsumerAdapter:
         if not topics:
@@ -253,8 +288,14 @@ class KafkaBus(Bus):
             admin.list_topics()
 
     def describe(self) -> str:
+        group = self.consumer_group_settings()
+        static = group.get("group_instance_id")
         return (f"Kafka at {','.join(self.servers)} (acks=all, idempotent producer, "
-                f"compression {self.compression}, manual commits, at-least-once)")
+                f"compression {self.compression}, manual commits, at-least-once; group "
+                f"session {group['session_timeout_ms']} ms, heartbeat "
+                f"{group['heartbeat_interval_ms']} ms, max poll interval "
+                f"{group['max_poll_interval_ms']} ms"
+                f"{f', static member {static}' if static else ''})")
 
     def close(self) -> None:
         with self._lock:
@@ -272,6 +313,14 @@ class KafkaProducerAdapter(Producer):
         self._producer = producer
         self._pending: list[Any] = []
         self._lock = threading.Lock()
+
+    @property
+    def producer_id(self) -> int | None:
+        """The idempotent producer id the broker assigned (``None`` before the first send,
+        or if the producer is not idempotent)."""
+        manager = getattr(self._producer, "_transaction_manager", None)
+        pid = getattr(getattr(manager, "producer_id_and_epoch", None), "producer_id", None)
+        return int(pid) if isinstance(pid, int) and pid >= 0 else None
 
     def send(self, topic: str, key: bytes | None, value: bytes,
              headers: Headers | None = None) -> None:

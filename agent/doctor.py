@@ -101,7 +101,8 @@ def _bus(settings: Settings) -> list[Finding]:
 
     try:
         bus = open_bus(settings.bus, settings.data_dir, compression=settings.kafka_compression,
-                       retention_h=settings.bus_retention_h)
+                       retention_h=settings.bus_retention_h,
+                       kafka_client=settings.kafka_client_settings)
         try:
             bus.ping()
             findings = [Finding("bus", "ok", bus.describe())]

@@ -58,7 +58,8 @@ def _open(args: argparse.Namespace, settings: Settings) -> Bus:
             raise InputError(f"no embedded bus in {settings.data_dir} ({bus_dir} is missing)")
     # The retention only shows in the startup line: dump never flushes a producer, so it
     # never deletes anything.
-    bus = open_bus(settings.bus, settings.data_dir, retention_h=settings.bus_retention_h)
+    bus = open_bus(settings.bus, settings.data_dir, retention_h=settings.bus_retention_h,
+                   kafka_client=settings.kafka_client_settings)
     try:
         bus.ping(PING_TIMEOUT_S)
         exists = getattr(bus, "topic_exists", None)

@@ -50,6 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
 from agent.dashboard.auth import (
+    USER_NAME,
     LoginLimiter,
     Principal,
     TrustedProxies,
@@ -300,8 +301,6 @@ def create_app(state: DashboardState) -> Starlette:
             name = request.headers.get(PROXY_USER_HEADER, "").strip()
             if not name or not state.proxies.trusts(_client_host(request)):
                 return None
-            from agent.dashboard.auth import USER_NAME
-
             if not USER_NAME.match(name):
                 return None
             user = state.users.get(name)
@@ -395,9 +394,16 @@ def create_app(state: DashboardState) -> Starlette:
         if who is None:
             return refuse(request, page=False)
 
+        try:  # the version the page was rendered at: a change since then is sent at once
+            since = int(request.query_params.get("since", ""))
+        except ValueError:
+            since = state.feed.version
+
         async def stream() -> AsyncIterator[str]:
             seen = state.feed.version
             yield f"retry: 2000\nevent: hello\ndata: {seen}\n\n"
+            if seen != since:
+                yield f"event: change\ndata: {seen}\n\n"
             while not state.feed.closed:
                 version = await state.feed.wait(seen, KEEPALIVE_S)
                 if state.feed.closed:

@@ -150,7 +150,8 @@ class DashboardConsumer:
         """Poll once, store what came, commit; returns the number of messages handled.
 
         A batch the store could not take (database down) is kept and tried again before the
-        next poll: the consumer's position has moved past it, so it must not be dropped."""
+        next poll: the consumer's position has moved past it, so it must not be dropped. A
+        failed commit drops nothing: the messages come again and the store ignores them."""
         self.open()
         assert self._consumer is not None
         if self._pending is None:
@@ -161,7 +162,8 @@ class DashboardConsumer:
             self._pending = self._decode(messages)
         items, offsets, skipped = self._pending
         stats = self.store.apply(items)
-        self._consumer.commit(offsets)
+        # stored: whatever the commit does, the batch is done here (if the commit fails, e.g.
+        # the partitions moved to another member, they are delivered again: harmless)
         self._pending = None
         logger.debug("dashboard: %d messages stored (%d new, %d replaced, %d evidence, "
                      "%d dead letters, %d unchanged), %d skipped", len(items), stats.new,
@@ -173,6 +175,7 @@ class DashboardConsumer:
             self._status.last_message_at = time.time()
         if stats.changed and self.on_change is not None:
             self.on_change()
+        self._consumer.commit(offsets)
         self._update_lag()
         return len(items) + skipped
 

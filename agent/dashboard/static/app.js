@@ -61,7 +61,9 @@
         });
     }
 
-    var source = new EventSource("/events");
+    /* since: the version this page shows, so a change made while it loaded is not missed */
+    var source = new EventSource("/events?since=" +
+                                 encodeURIComponent(section.getAttribute("data-version")));
     source.addEventListener("hello", function () { say("live", "Live: new results appear as they arrive."); });
     source.addEventListener("change", refresh);
     source.addEventListener("logout", function () {

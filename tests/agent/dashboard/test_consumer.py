@@ -139,3 +139,34 @@ def test_on_the_kafka_test_broker(fresh_kafka_broker: str, store: Store) -> None
         assert row is not None and (row.revision, row.flag) == (2, "type2")
     finally:
         bus.close()
+
+
+def test_a_failed_commit_does_not_block_the_consumer(tmp_path: Path, store: Store,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit refused (e.g. the partitions moved to another member on Kafka) must not make
+    the consumer retry the same batch for ever: it is stored, and a redelivery is harmless."""
+    from schemas.errors import BusError
+
+    bus = EmbeddedBus(tmp_path / "bus")
+    producer = bus.producer()
+    publish_result(producer, make_result(1))
+    producer.flush()
+    changes: list[int] = []
+    consumer = DashboardConsumer(bus, store, "dash-commit", on_change=lambda: changes.append(1))
+    consumer.open()
+    assert consumer._consumer is not None
+
+    def refuse(_offsets: object) -> None:
+        raise BusError("not assigned to this member")
+
+    monkeypatch.setattr(consumer._consumer, "commit", refuse)
+    with pytest.raises(BusError):
+        consumer.run_once(1.0)
+    assert store.worklist(WorklistFilter()).total == 1 and changes == [1]
+    publish_result(producer, make_result(2))
+    producer.flush()
+    monkeypatch.undo()
+    assert drain(consumer, 1) == 1  # the next message, not the old batch again
+    assert store.worklist(WorklistFilter()).total == 2
+    consumer.stop()
+    bus.close()

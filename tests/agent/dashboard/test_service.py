@@ -82,3 +82,20 @@ def test_change_feed_wakes_waiters_from_another_thread() -> None:
     runner.start()
     runner.join(10)
     assert out == [[0, 1, 1, 1]]
+
+
+def test_a_change_made_while_the_page_loaded_is_sent_at_once(
+        start_dashboard: Callable[..., Dashboard]) -> None:
+    dash = start_dashboard(auth="proxy")
+    version = dash.feed.version
+    dash.feed.publish()  # between the page's render (at `version`) and its stream
+    events: list[str] = []
+    with httpx.Client(base_url=dash.url, timeout=10) as c, \
+            c.stream("GET", f"/events?since={version}",
+                     headers={"X-Forwarded-User": "it"}) as r:
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                events.append(line)
+            if len(events) == 2:
+                break
+    assert events == ["event: hello", "event: change"]
