@@ -7,7 +7,7 @@ Chromium driven by Playwright.
 * ``start_dashboard(**settings)``: a :class:`agent.dashboard.service.Dashboard` on a free port
   over ``embedded_bus`` (or ``bus=``; ``bus=None`` opens its own), stopped at teardown before
   the bus is closed.
-* ``browser``: one headless Chromium for the session (``/usr/bin/chromium``: ``./run setup``
+* ``browser``: one headless Chromium per module (``/usr/bin/chromium``: ``./run setup``
   installs it); ``page``: a fresh context at 1366x768 per test, closed at teardown.
 """
 
@@ -97,8 +97,10 @@ def login(client: httpx.Client, user: str, password: str | None = None) -> httpx
                                        "password": password or PASSWORDS[user], "next": "/"})
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """One Chromium per test module: Playwright's sync API keeps an event loop running in this
+    thread while it is open, which other modules' ``asyncio.run`` must not meet."""
     from playwright.sync_api import sync_playwright
 
     if not os.access(CHROMIUM, os.X_OK):
