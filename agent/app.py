@@ -50,6 +50,10 @@ STOP_TIMEOUT_S: Final = 30.0
 """Default bound on :meth:`Agent.stop`."""
 SECONDS_PER_HOUR: Final = 3600.0
 READY_ECHO_TIMEOUT_S: Final = 5.0
+READY_MIN_FREE_INSTANCES: Final = 4
+"""/readyz fails while the data disk has room for fewer than this many instances of
+``spool_pool_file_kib`` (a 2-byte probe file may still fit on a disk that refuses every
+instance)."""
 ASSOCIATION_GRACE_S: Final = 5.0
 """How long running associations may go on after stop() before they are aborted."""
 
@@ -174,8 +178,15 @@ class Agent:
         try:
             probe.write_bytes(b"ok")
             probe.unlink()
+            free = free_bytes(self.settings.data_dir)
         except OSError as exc:
             raise SpoolError(f"spool {self.settings.data_dir} not writable: {exc}") from exc
+        need = READY_MIN_FREE_INSTANCES * self.settings.spool_pool_file_bytes
+        if free < need:
+            raise SpoolError(f"spool {self.settings.data_dir}: {free / 2**20:.1f} MiB free, "
+                             f"less than {READY_MIN_FREE_INSTANCES} instances need "
+                             f"({need / 2**20:.1f} MiB): new instances are answered 0xA700 "
+                             f"Out of Resources")
         if self.spool is not None:
             self.metrics.spool_depth.set(self.spool.pending_count())
 

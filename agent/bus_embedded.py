@@ -362,7 +362,8 @@ class _TopicLog:
         seg.end = pos
         if recover and pos < size:
             logger.warning("embedded bus: topic %s: %s at byte %d of %s; truncating %d bytes "
-                           "(a write interrupted by a crash); %d records kept",
+                           "(a write that did not finish: a crash, or a failed write such as "
+                           "a full disk); %d records kept",
                            self.topic, problem or "extra bytes", pos, seg.path, size - pos,
                            self._count())
             os.ftruncate(fd, pos)
@@ -460,9 +461,24 @@ class _TopicLog:
                     active.positions.append(active.end)
                     active.end += len(frame) + len(body)
             except OSError as exc:
-                # A partial record may be on disk; the next append (or open) truncates it.
+                self._cut_failed_write(exc)
                 raise BusError(f"embedded bus: append to topic {self.topic} failed: {exc}") \
                     from exc
+
+    def _cut_failed_write(self, exc: OSError) -> None:
+        """A write failed (a full disk, an I/O error): cut the partial record it may have left
+        at once, so that nothing later mistakes it for a crash's leftover. If the cut fails
+        too, the next append (or open) truncates it, saying so."""
+        end = self.segments[-1].end
+        try:
+            size = os.fstat(self.fd).st_size
+            if size > end:
+                os.ftruncate(self.fd, end)
+                logger.warning("embedded bus: topic %s: a write failed (%s); its partial "
+                               "record (%d bytes) was cut off", self.topic, exc, size - end)
+        except OSError as cut:
+            logger.warning("embedded bus: topic %s: a write failed (%s) and its partial "
+                           "record could not be cut off yet (%s)", self.topic, exc, cut)
 
     def _roll(self) -> _Segment:
         """Close the active segment (fsync'd, so a closed segment is always whole) and start

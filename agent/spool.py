@@ -74,7 +74,7 @@ from typing import Any, Final
 
 import crc32c
 
-from agent.durable import disk_bytes, fsync_dir, write_all
+from agent.durable import disk_bytes, free_bytes, fsync_dir, write_all
 from schemas.errors import Hust19Error
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,10 @@ C-STORE."""
 POOL_FILE_BYTES: Final = 576 * 1024
 """Default size of a pre-written pool file: a 512x512 16-bit CT instance (512 KiB of pixels
 plus its header) with its padding and seal."""
+POOL_MAX_FREE_SHARE: Final = 0.10
+"""The pre-written pool takes at most this share of the data disk's free space (the pool's own
+files counted as free): on a small disk it is smaller than ``pool_files`` (issue 20: 256 x
+576 KiB took 91 % of a small data disk at start)."""
 POOL_RETRY_S: Final = 5.0
 """After a failed refill (disk full), the filler tries again this much later."""
 RECEIVING_GAP_S: Final = 0.25
@@ -518,6 +522,7 @@ class Spool:
         self._last_store = 0.0
         self._refill_lock = threading.Lock()
         self._closed = False
+        self._pool_bound_logged = False
         self._pool_dir = secrets.randbelow(FANOUT)
         self._filler: threading.Thread | None = None
         if self.sealed:
@@ -576,9 +581,26 @@ class Spool:
         ``False`` add empty files, ``None`` wait."""
         if len(self._ready) + len(self._empty) < POOL_LOW_WATER:
             return False
-        if len(self._ready) < self.pool_files and not self._receiving():
+        if len(self._ready) < self._pool_target() and not self._receiving():
             return True
         return None
+
+    def _pool_target(self) -> int:
+        """How many pre-written files to keep: ``pool_files``, bounded by
+        :data:`POOL_MAX_FREE_SHARE` of the free space (with the pool lock held)."""
+        try:
+            free = free_bytes(self.root)
+        except OSError:
+            return 0
+        budget = POOL_MAX_FREE_SHARE * (free + len(self._ready) * self.pool_file_bytes)
+        target = min(self.pool_files, int(budget // self.pool_file_bytes))
+        if target < self.pool_files and not self._pool_bound_logged:
+            self._pool_bound_logged = True
+            logger.info("spool: %d pre-written pool files of %d KiB at most, not %d: the pool "
+                        "takes no more than %.0f %% of the %.0f MiB free in %s", target,
+                        self.pool_file_bytes // 1024, self.pool_files,
+                        POOL_MAX_FREE_SHARE * 100, free / (1 << 20), self.root)
+        return target
 
     def _fill_pool(self) -> None:
         """The filler thread: keeps the pool stocked until the spool closes."""
@@ -608,7 +630,7 @@ class Spool:
             with self._pool_lock:
                 if self._closed:
                     return False
-                count = (min(POOL_BATCH, self.pool_files - len(self._ready)) if prewrite
+                count = (min(POOL_BATCH, self._pool_target() - len(self._ready)) if prewrite
                          else POOL_BATCH)
             if count <= 0:
                 return True

@@ -5,6 +5,7 @@ attributes here; seals in the data and the pre-written pool in ``test_spool_pool
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,10 @@ from agent.spool import (
     InstanceInfo,
     Spool,
     StoreOutcome,
-    xattrs_supported,
 )
 from schemas import topics
 from tests.fixtures.dicom import read_topic, stored_spool_files, wait_for
+from tests.fixtures.filesystems import xattr_folder
 from tests.fixtures.syncs import record_syncs
 
 SERIES = "1.2.3.4"
@@ -35,10 +36,13 @@ def _info(sop: str, at: float = 1.0) -> InstanceInfo:
                         received_at=at, patient_id="P1", modality="CT")
 
 
-@pytest.fixture(autouse=True)
-def _needs_xattrs(tmp_path: Path) -> None:
-    if not xattrs_supported(tmp_path):
-        pytest.skip(f"{tmp_path} keeps no user extended attributes (sealed mode unavailable)")
+@pytest.fixture
+def tmp_path(tmp_path: Path) -> Iterator[Path]:
+    """A folder that keeps user.* extended attributes (sealed mode needs them): pytest's
+    tmp_path, or a tmpfs mounted in it. Where neither works the test fails, it does not skip
+    (issue 20: these tests used to skip silently there)."""
+    with xattr_folder(tmp_path) as folder:
+        yield folder
 
 
 def _lose_index(data_dir: Path) -> None:
