@@ -205,6 +205,33 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def _wait_log(log: Path, needle: bytes, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while needle not in log.read_bytes():
+        assert time.monotonic() < deadline, f"{needle!r} not in {log}: {log.read_text()}"
+        time.sleep(0.1)
+
+
+def _wait_metric(http_port: int, sample: str, at_least: float, timeout_s: float = 60.0) -> None:
+    """Wait until the Prometheus ``sample`` line of the process on ``http_port`` reads at
+    least ``at_least``."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            value = max((float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                         if line.startswith(sample + " ")), default=0.0)
+            if value >= at_least:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{sample} < {at_least} after {timeout_s} s"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
@@ -224,27 +251,27 @@ def test_kill9_worker_mid_series_gives_exactly_one_sr(
                             tmp_path / "ingest.log"))
     worker_args = ["worker", "--data-dir", str(data), "--pacs", f"127.0.0.1:{pacs_port}:PACS",
                    "--log-level", "DEBUG"]
-    first = _spawn(worker_args, tmp_path / "worker1.log")
+    http = free_port()
+    first = _spawn([*worker_args, "--http-port", str(http)], tmp_path / "worker1.log")
     processes.append(first)
-    deadline = time.monotonic() + 60
-    while b"worker joined group" not in (tmp_path / "worker1.log").read_bytes():
-        assert time.monotonic() < deadline, (tmp_path / "worker1.log").read_text()
-        time.sleep(0.2)
+    _wait_log(tmp_path / "worker1.log", b"partitions assigned to this worker")  # joined
     assert run_storescu(_sample_files(), port, "HUST19").returncode == 0
-    time.sleep(1.5)  # instances consumed and scored, the series not yet complete (3 s quiet)
+    # mid-series: instances consumed and scored, the series not yet complete (3 s quiet)
+    _wait_metric(http, 'hust19_stage_seconds_count{stage="slice_inference"}', 1.0)
     os.kill(first.pid, signal.SIGKILL)
     first.wait(10)
     assert not list(pacs_dir.iterdir()), "the series completed before the kill"
 
-    processes.append(_spawn(worker_args, tmp_path / "worker2.log"))
+    second = _spawn(worker_args, tmp_path / "worker2.log")
+    processes.append(second)
     (sr,) = _sr_files(pacs_dir)
-    time.sleep(3)  # anything sent twice would arrive now
+    stop_process(second, timeout_s=30)  # stopped: nothing can arrive after this
     srs = sorted(p for p in pacs_dir.iterdir() if p.name.startswith("SR"))
-    assert [p.name for p in srs] == [sr.name]
+    assert [p.name for p in srs] == [sr.name]  # +uf: a second arrival is a second file
     dump = subprocess.run([sys.executable, "-m", "agent.cli", "bus", "dump", "--topic",
                            topics.TRIAGE_RESULTS, "--data-dir", str(data)],
                           capture_output=True, text=True, timeout=60, check=True)
-    assert dump.stdout.strip(), "no result on triage.results"
+    assert len(dump.stdout.splitlines()) == 1, "exactly one result on triage.results"
     _dsrdump_ok(sr)
 
 
