@@ -55,9 +55,14 @@ def assert_byte_identical(messages: list[Message], files: list[Path],
 
     ``storescu`` re-encodes a file when it sends it (dcmtk writes sequences with explicit
     lengths), so what was *sent* is taken from dcmtk ``storescp``, which received the same
-    files from the same ``storescu`` (``reference``: its ``-od`` folder, files ``CT.<SOP>``).
-    Without a reference the file bytes themselves are what was sent. Pixel data is also
-    compared with the original file's."""
+    files from the same ``storescu`` (``reference``: its ``-od`` folder, one file per arrival,
+    matched by the SOP Instance UID inside). Without a reference the file bytes themselves are
+    what was sent. Pixel data is also compared with the original file's."""
+    received: dict[str, Path] = {}
+    for copy in sorted(reference.iterdir()) if reference is not None else []:
+        uid = str(dcmread(copy, stop_before_pixels=True).SOPInstanceUID)
+        assert uid not in received, f"storescp received {uid} twice"
+        received[uid] = copy
     by_sop: dict[str, Message] = {}
     for m in messages:
         sop = m.header(topics.H_SOP_INSTANCE_UID)
@@ -68,7 +73,7 @@ def assert_byte_identical(messages: list[Message], files: list[Path],
         ds = dcmread(path)
         sop = str(ds.SOPInstanceUID)
         m = by_sop[sop]
-        sent = (reference / f"CT.{sop}" if reference is not None else path).read_bytes()
+        sent = (received[sop] if reference is not None else path).read_bytes()
         assert m.key == str(ds.SeriesInstanceUID).encode()
         assert m.header(topics.H_SCHEMA) == INSTANCE_SCHEMA
         assert m.header(topics.H_STUDY_UID) == ds.StudyInstanceUID
