@@ -9,6 +9,7 @@ import importlib
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Final
@@ -40,6 +41,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+NOISY_LIBRARIES: Final = {"pynetdicom": logging.WARNING, "kafka": logging.WARNING,
+                          "highdicom": logging.WARNING, "pydicom": logging.ERROR}
+"""Third-party loggers and the least level they log at (all levels at DEBUG): highdicom logs
+seven INFO lines per SR, pydicom a warning per invalid UID of every instance read."""
+
+
 def setup_logging(level: str = "INFO", as_json: bool = False) -> None:
     """Configure the root logger for the application (library modules never do this)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -51,8 +58,12 @@ def setup_logging(level: str = "INFO", as_json: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("pynetdicom", "kafka"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    for noisy, floor in NOISY_LIBRARIES.items():
+        logging.getLogger(noisy).setLevel(
+            root.level if root.level <= logging.DEBUG else max(floor, root.level))
+    if root.level > logging.DEBUG:
+        # Invalid UIDs are real-world input; the agent reports the ones that matter itself.
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:

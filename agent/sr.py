@@ -6,22 +6,33 @@ the study of that series, in a series of its own. Its content tree::
     Imaging Measurement Report (TID 1500)
     ├── language, device observer (the algorithm), procedure reported: CT of chest
     └── Imaging Measurements
-        └── Measurement Group (TID 1501), tracking id, finding COVID-19, site lung, algorithm
-            ├── CODE  HUST-19 triage category = control | Type I | Type II
-            ├── CODE  decision threshold = general | sensitive
-            ├── CODE  fusion = PLR | CT only | CF only;  CT used = yes/no;  CF used = yes/no
-            ├── TEXT  why a modality was not used (only when it was not)
-            ├── NUM   probability of control / Type I / Type II, method = CT | CF | fused
-            │         (only for the modalities that produced scores)
-            └── IMAGE source images: the evidence slices
+        ├── Measurement Group (TID 1501), tracking id, finding COVID-19, site lung, algorithm
+        │   ├── CODE  HUST-19 triage category = control | Type I | Type II
+        │   ├── CODE  decision threshold = general | sensitive
+        │   ├── CODE  fusion = rule | PLR | CT only | CF only;  CT used;  CF used (yes/no)
+        │   ├── CODE  CT scores from = quantitative CT | patient CNN
+        │   ├── TEXT  why a modality was not used (only when it was not)
+        │   ├── NUM   probability of control / Type I / Type II, method = CT | patient CNN |
+        │   │         CF | fused (only for the models that produced scores)
+        │   └── IMAGE source images: the evidence slices
+        └── Measurement Group "quantitative lung CT", one per lung region (both lungs, right
+            lung, left lung; finding site accordingly), when the series was measured
+            ├── NUM   lung volume (mL), mean attenuation ([hnsf'U]), lung involvement (%),
+            │         ground glass (%), consolidation (%), well aerated (%): each only when the
+            │         series gave it
+            ├── CODE  CT severity category = CT-0..CT-4 (both lungs)
+            └── UIDREF source series (the CT series measured)
 
-Codes: SNOMED CT for what the standard covers (COVID-19, lung, CT of chest, yes/no); the three
-HUST-19 categories, the score names and the model kinds have no standard code and use the
-private coding scheme ``99HUST19``, declared in the Coding Scheme Identification Sequence.
+Codes: SNOMED CT and DICOM where the standard has the concept (COVID-19, lung, right and left
+lung, CT of chest, yes/no, volume, attenuation coefficient, mean, Series Instance UID); the
+HUST-19 categories, scores, patterns and severity categories use the private coding scheme
+``99HUST19``, declared in the Coding Scheme Identification Sequence. Units are UCUM.
 
-Determinism: the SR series and SOP Instance UIDs come from :mod:`agent.uids` (source series +
-model version), and every date/time in the object is the result's ``result_ready`` time, so the
-same :class:`TriageResult` and :class:`SrSource` give a byte-identical dataset.
+Determinism: the SR series and SOP Instance UIDs come from :mod:`agent.uids` (the source series,
+the model version and a digest of the content), and every date/time in the object is the
+result's ``result_ready`` time, so the same :class:`TriageResult` and :class:`SrSource` give a
+byte-identical dataset. A result that replaces an earlier one names that SR in the Predecessor
+Documents Sequence.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
-from typing import Final
+from typing import Any, Final
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -48,17 +59,18 @@ from highdicom.sr import (
     SourceImageForMeasurementGroup,
     TextContentItem,
     TrackingIdentifier,
+    UIDRefContentItem,
 )
 from highdicom.sr.enum import RelationshipTypeValues
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 
 from agent.uids import derive_uid, is_valid_uid, sr_instance_uid, sr_series_uid
 from schemas.errors import DicomInputError, InputError
-from schemas.messages import ClassScores, Flag, TriageResult
+from schemas.messages import ClassScores, Flag, LungMeasurements, QuantitativeCt, TriageResult
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +93,7 @@ THRESHOLD_CODES: Final[dict[str, Code]] = {
 }
 FUSION: Final = Code("FUSION", PRIVATE_SCHEME, "Modality fusion")
 FUSION_CODES: Final[dict[str, Code]] = {
+    "rule": Code("RULE", PRIVATE_SCHEME, "CF decides COVID-19, CT decides severity"),
     "plr": Code("PLR", PRIVATE_SCHEME, "Penalised logistic regression of CT and CF"),
     "ct_only": Code("CT-ONLY", PRIVATE_SCHEME, "CT only"),
     "cf_only": Code("CF-ONLY", PRIVATE_SCHEME, "Clinical features only"),
@@ -95,10 +108,32 @@ PROBABILITY_CODES: Final[dict[str, Code]] = {
     "type1": Code("P-TYPE1", PRIVATE_SCHEME, "Probability of Type I"),
     "type2": Code("P-TYPE2", PRIVATE_SCHEME, "Probability of Type II"),
 }
+CT_SOURCE: Final = Code("CT-SOURCE", PRIVATE_SCHEME, "CT scores from")
+CT_SOURCE_CODES: Final[dict[str, Code]] = {
+    "quantitative": Code("QCT", PRIVATE_SCHEME, "Quantitative lung CT"),
+    "patient_cnn": Code("PATIENT-CNN", PRIVATE_SCHEME, "HUST-19 patient CNN"),
+}
 MODEL_CODES: Final[dict[str, Code]] = {
     "ct": Code("CT-MODEL", PRIVATE_SCHEME, "HUST-19 CT model"),
+    "ct_cnn": Code("PATIENT-CNN", PRIVATE_SCHEME, "HUST-19 patient CNN"),
     "cf": Code("CF-MODEL", PRIVATE_SCHEME, "HUST-19 clinical-feature model"),
     "fused": Code("FUSED", PRIVATE_SCHEME, "HUST-19 fused CT and clinical features"),
+}
+
+QUANTITATIVE_CT: Final = Code("QCT", PRIVATE_SCHEME, "Quantitative lung CT")
+INVOLVEMENT: Final = Code("LUNG-INVOLVEMENT", PRIVATE_SCHEME,
+                          "Lung involvement (ground glass and consolidation)")
+PATTERN_CODES: Final[dict[str, Code]] = {
+    "ground_glass_percent": Code("GGO-SHARE", PRIVATE_SCHEME, "Ground glass share of lung"),
+    "consolidation_percent": Code("CONS-SHARE", PRIVATE_SCHEME, "Consolidation share of lung"),
+    "well_aerated_percent": Code("WAL-SHARE", PRIVATE_SCHEME, "Well-aerated share of lung"),
+}
+SEVERITY: Final = Code("CT-SEVERITY", PRIVATE_SCHEME, "CT severity category")
+SEVERITY_CODES: Final[dict[str, Code]] = {
+    f"CT-{k}": Code(f"CT-{k}", PRIVATE_SCHEME, meaning) for k, meaning in enumerate((
+        "CT-0: no signs of pneumonia", "CT-1: involvement below 25 %",
+        "CT-2: involvement 25-50 %", "CT-3: involvement 50-75 %",
+        "CT-4: involvement 75 % or more"))
 }
 
 # --- standard codes -------------------------------------------------------------------------
@@ -109,6 +144,16 @@ YES: Final = codes.SCT.Yes
 NO: Final = codes.SCT.No
 PROBABILITY_UNIT: Final = Code("{probability}", "UCUM", "probability")
 """A UCUM annotation: dimensionless (= 1), annotated as a probability in [0, 1]."""
+RIGHT_LUNG: Final = Code("3341006", "SCT", "Right lung")
+LEFT_LUNG: Final = Code("44029006", "SCT", "Left lung")
+VOLUME: Final = Code("118565006", "SCT", "Volume")
+MEAN: Final = Code("373098007", "SCT", "Mean")
+ATTENUATION: Final = Code("112031", "DCM", "Attenuation Coefficient")
+SOURCE_SERIES: Final = Code("112002", "DCM", "Series Instance UID")
+MILLILITRE: Final = Code("mL", "UCUM", "milliliter")
+PERCENT: Final = Code("%", "UCUM", "percent")
+HOUNSFIELD: Final = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
+MEASURE_DECIMALS: Final = 3
 
 # --- fixed attributes of the SR -------------------------------------------------------------
 SR_SERIES_NUMBER: Final = 9190
@@ -230,6 +275,16 @@ class SrSource:
         return [self._instance(c, i) for c, i in refs]
 
 
+def _predecessor(study_uid: str, series_uid: str, instance_uid: str) -> Dataset:
+    """The header of the SR a new one replaces, as highdicom takes previous versions."""
+    ds = Dataset()
+    ds.SOPClassUID = ComprehensiveSRStorage
+    ds.SOPInstanceUID = instance_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    return ds
+
+
 def _probabilities(modality: str, scores: ClassScores) -> list[Measurement]:
     return [
         Measurement(name=PROBABILITY_CODES[cls], value=round(getattr(scores, cls),
@@ -237,6 +292,60 @@ def _probabilities(modality: str, scores: ClassScores) -> list[Measurement]:
                     unit=PROBABILITY_UNIT, method=MODEL_CODES[modality])
         for cls in ("control", "type1", "type2")
     ]
+
+
+def _number(name: Code, value: float, unit: Code, *, method: Code | None = None,
+            derivation: Code | None = None) -> Measurement:
+    return Measurement(name=name, value=round(float(value), MEASURE_DECIMALS), unit=unit,
+                       method=method, derivation=derivation)
+
+
+def _lung_numbers(figures: LungMeasurements) -> list[Measurement]:
+    """The NUM items of one lung region, only those the series gave."""
+    out = []
+    if figures.volume_ml is not None:
+        out.append(_number(VOLUME, figures.volume_ml, MILLILITRE))
+    if figures.mean_hu is not None:
+        out.append(_number(ATTENUATION, figures.mean_hu, HOUNSFIELD, derivation=MEAN))
+    if figures.involvement_percent is not None:
+        out.append(_number(INVOLVEMENT, figures.involvement_percent, PERCENT))
+    for key, concept in PATTERN_CODES.items():
+        value = getattr(figures, key)
+        if value is not None:
+            out.append(_number(concept, value, PERCENT))
+    return out
+
+
+def _quantitative_groups(quant: QuantitativeCt, source: SrSource, algorithm: Any,
+                         algorithm_version: str,
+                         evidence: list[Dataset]) -> list[MeasurementsAndQualitativeEvaluations]:
+    """One measurement group per lung region that has figures (both lungs first)."""
+    groups = []
+    for region, site, figures in (("lungs", codes.SCT.Lung, quant.lungs),
+                                  ("right", RIGHT_LUNG, quant.right),
+                                  ("left", LEFT_LUNG, quant.left)):
+        if figures is None:
+            continue
+        numbers = _lung_numbers(figures)
+        evaluations = []
+        if region == "lungs" and quant.severity is not None:
+            evaluations.append(QualitativeEvaluation(SEVERITY, SEVERITY_CODES[quant.severity]))
+        if not numbers and not evaluations:
+            continue
+        group = MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(
+                uid=derive_uid("sr-tracking-qct", source.series_uid, region, algorithm_version),
+                identifier=f"quantitative lung CT, {region}"),
+            finding_type=QUANTITATIVE_CT, finding_sites=[hd.sr.FindingSite(site)],
+            algorithm_id=algorithm, measurements=numbers or None,
+            qualitative_evaluations=evaluations or None,
+            source_images=[SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)
+                           for ds in evidence])
+        group[0].ContentSequence.append(UIDRefContentItem(
+            name=SOURCE_SERIES, value=source.series_uid,
+            relationship_type=RelationshipTypeValues.CONTAINS))
+        groups.append(group)
+    return groups
 
 
 def _check_result(result: TriageResult, source: SrSource) -> Flag:
@@ -260,12 +369,15 @@ def build_sr(result: TriageResult, source: SrSource, *, algorithm_version: str,
              manufacturer: str = DEFAULT_MANUFACTURER,
              institution_name: str | None = None,
              institutional_department_name: str | None = None,
-             device_name: str | None = None) -> Dataset:
+             device_name: str | None = None,
+             predecessor: tuple[str, str] | None = None) -> Dataset:
     """Build the TID 1500 Comprehensive SR of ``result`` in the study of ``source``.
 
-    ``algorithm_version`` is the model version the SR UIDs derive from (the same series and
-    version always give the same SOP Instance UID). ``device_name`` (e.g. the agent's AE
-    title) names the device observer; it defaults to ``algorithm_name``.
+    The SOP Instance UID is the result's ``sr_sop_instance_uid`` (the worker derives it from
+    the series, the model version and the content); without one it is derived from the series
+    and ``algorithm_version``. ``device_name`` (e.g. the agent's AE title) names the device
+    observer; it defaults to ``algorithm_name``. ``predecessor`` is the (Series, SOP Instance)
+    UID of the SR this one replaces, written as its Predecessor Documents Sequence.
 
     Raises :class:`InputError` (or its :class:`DicomInputError`) naming the field when the
     result has no flag or does not match the source. Returns a dataset ready to write as
@@ -278,7 +390,10 @@ def build_sr(result: TriageResult, source: SrSource, *, algorithm_version: str,
     where = f"study {source.study_uid} series {source.series_uid}"
 
     series_uid = sr_series_uid(source.study_uid, algorithm_version)
-    instance_uid = sr_instance_uid(source.series_uid, algorithm_version)
+    instance_uid = result.sr_sop_instance_uid or sr_instance_uid(source.series_uid,
+                                                                  algorithm_version)
+    if not is_valid_uid(instance_uid):
+        raise InputError(f"SR SOP Instance UID {instance_uid!r} is not a valid UID ({where})")
     parameters = [f"threshold={threshold}", f"fusion={availability.fusion}"]
     parameters += [f"{name}={version}" for name, version in sorted(result.model_versions.items())]
     algorithm = AlgorithmIdentification(name=algorithm_name, version=algorithm_version,
@@ -291,8 +406,11 @@ def build_sr(result: TriageResult, source: SrSource, *, algorithm_version: str,
         QualitativeEvaluation(CT_USED, YES if availability.ct else NO),
         QualitativeEvaluation(CF_USED, YES if availability.cf else NO),
     ]
+    if availability.ct_source is not None:
+        evaluations.append(QualitativeEvaluation(CT_SOURCE,
+                                                 CT_SOURCE_CODES[availability.ct_source]))
     measurements: list[Measurement] = []
-    for modality in ("ct", "cf", "fused"):
+    for modality in ("ct", "ct_cnn", "cf", "fused"):
         scores = getattr(result.scores, modality)
         if scores is not None:
             measurements += _probabilities(modality, scores)
@@ -318,6 +436,10 @@ def build_sr(result: TriageResult, source: SrSource, *, algorithm_version: str,
                 name=concept, value=reason[:1024],
                 relationship_type=RelationshipTypeValues.CONTAINS))
 
+    groups = [group]
+    if result.quantitative_ct is not None:
+        groups += _quantitative_groups(result.quantitative_ct, source, algorithm,
+                                       algorithm_version, evidence)
     observer = ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
@@ -327,7 +449,7 @@ def build_sr(result: TriageResult, source: SrSource, *, algorithm_version: str,
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=CT_OF_CHEST,
-        imaging_measurements=[group],
+        imaging_measurements=groups,
     )
 
     ready = result.timings.result_ready.astimezone(UTC)
@@ -361,6 +483,8 @@ def build_sr(result: TriageResult, source: SrSource, *, algorithm_version: str,
                 coding_schemes=[CodingSchemeIdentificationItem(
                     designator=PRIVATE_SCHEME, name=PRIVATE_SCHEME_NAME,
                     responsible_organization=manufacturer)],
+                previous_versions=None if predecessor is None else [
+                    _predecessor(source.study_uid, *predecessor)],
             )
     except (ValueError, TypeError) as exc:
         raise DicomInputError(f"SR cannot be built ({where}): {exc}") from exc

@@ -2,15 +2,19 @@
 arrive, and on series completion fuses CT and lab scores into the flag, writes the DICOM SR to
 the PACS outbox and the JSON result to ``triage.results``.
 
-Streaming: each instance is decoded, windowed, lung-extracted and scored by the slice CNN in
-micro-batches as it arrives (:class:`engines.triage.SeriesScorer`), so a completed series
-needs only the patient CNN, the LIS lookup and the fusion. Per-series state is the slice scores
-and the ten best 200x200 crops, never the series.
+Streaming: each instance is decoded once into HU (kept as int16 for the quantitative CT, 0.5 MiB
+per 512 x 512 slice) and windowed, lung-extracted and scored by the slice CNN in micro-batches
+as it arrives (:class:`engines.triage.SeriesScorer`). A completed series then needs the
+quantitative CT of its volume (lungs, patterns, slice evidence, CT stage), the patient CNN, the
+LIS lookup and the fusion; its volume is dropped once measured.
 
 Delivery: offsets are committed only below work that is finished (result published and SR
-stored durably in the PACS outbox; :mod:`agent.offsets`). A crash redoes unfinished series; the
-SR SOP Instance UID derives from the series and the model versions, so a redo re-sends the same
-report, never a second, different one.
+stored durably in the PACS outbox; :mod:`agent.offsets`). A crash redoes unfinished series. The
+result ledger (:mod:`agent.ledger`) keeps, per series, the digest of each revision's content:
+a redo with the same content reuses its revision, time and SR UID (a byte-identical SR, the same
+result message); changed content (labs arrived, late instances, new models) is a new revision
+with a new SR that names the one it replaces. Each result's evidence slices go out as
+thumbnails on ``triage.evidence``.
 
 Bad input never stops the loop: an instance that cannot be decoded goes to ``triage.dlq`` with
 the reason and the original message; a series the method does not apply to (not CT, not chest,
@@ -22,6 +26,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import logging
 import threading
 import time
@@ -38,25 +43,38 @@ from pydicom.uid import UID
 from agent import __version__
 from agent.bus import Bus, Consumer, Message, Producer
 from agent.config import Settings
+from agent.ledger import LEDGER_FILE, ResultLedger
 from agent.lis import LabLookup, LisClient
 from agent.metrics import STAGE_FUSION, STAGE_SLICE_INFERENCE, Metrics
 from agent.offsets import OffsetTracker, TopicPartition
 from agent.pacs import PacsSender
 from agent.sr import SrSource, build_sr
-from agent.uids import result_id, sr_instance_uid
-from engines import preprocess
+from agent.uids import derive_uid, result_id, sr_series_uid
 from engines.cf import CfModel, vectorise
+from engines.evidence import EvidenceModel
 from engines.fusion import FusionModel
 from engines.patient_model import PatientModel
 from engines.slice_model import SliceModel
-from engines.triage import CLASSES, CtResult, SeriesScorer, SliceInput, decide, order_key
+from engines.thumbnails import WINDOW_CENTER_HU, WINDOW_WIDTH_HU
+from engines.triage import (
+    CLASSES,
+    CtResult,
+    SeriesScorer,
+    SliceInput,
+    decide,
+    order_key,
+    slice_input,
+)
 from schemas import topics
-from schemas.errors import BusError, Hust19Error, InputError, LisError
+from schemas.errors import BusError, Hust19Error, InputError, LisError, StorageError
 from schemas.messages import (
     Availability,
     ClassScores,
     DeadLetter,
+    EvidenceSlice,
+    EvidenceThumbnails,
     ModalityScores,
+    QuantitativeCt,
     SeriesEvent,
     Timings,
     TriageResult,
@@ -80,6 +98,9 @@ EVENT_GRACE_S: Final = 30.0
 """How long a completion event waits for instances it counts but the worker has not read."""
 FINISHED_KEPT: Final = 64
 """Finished series kept in memory so that a late instance can re-complete them."""
+FINISHED_VOLUME_BYTES: Final = 1 << 30
+"""HU volumes of finished series kept for re-completion, at most this much in all (the oldest
+are released first; a late instance for a released series keeps its quantitative CT)."""
 POLL_TIMEOUT_S: Final = 0.5
 LAG_INTERVAL_S: Final = 5.0
 LAB_KINDS: Final = ("lab",)
@@ -94,17 +115,19 @@ class TriageModels:
     patient: PatientModel
     cf: CfModel
     fusion: FusionModel
+    evidence: EvidenceModel
 
     @classmethod
     def load(cls, backend: str = "auto") -> TriageModels:
         return cls(SliceModel.load(backend=backend),  # type: ignore[arg-type]
                    PatientModel.load(backend=backend),  # type: ignore[arg-type]
-                   CfModel.load_default(), FusionModel.load_default())
+                   CfModel.load_default(), FusionModel.load_default(), EvidenceModel.load())
 
     @property
     def versions(self) -> dict[str, str]:
         return {"slice": self.slice.version, "patient": self.patient.version,
-                "cf": self.cf.version, "fusion": str(getattr(self.fusion, "version", ""))}
+                "cf": self.cf.version, "fusion": str(getattr(self.fusion, "version", "")),
+                "evidence": self.evidence.version}
 
     @property
     def version(self) -> str:
@@ -162,6 +185,19 @@ def _study_date(ds: pydicom.Dataset) -> date | None:
         return None
 
 
+CONTENT_EXCLUDED: Final = frozenset({"result_id", "revision", "sr_sop_instance_uid",
+                                      "supersedes_sr_sop_instance_uid", "timings",
+                                      "generation"})
+"""What does not decide a result's content: ids, revision, clock times."""
+
+
+def content_digest(result: TriageResult) -> str:
+    """SHA-256 of everything that decides the result's content (flag, scores, measurements,
+    evidence slices, availability and its reasons, model versions, instance count)."""
+    content = result.model_dump(mode="json", by_alias=True, exclude=set(CONTENT_EXCLUDED))
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def _scores(proba: np.ndarray | None) -> ClassScores | None:
     if proba is None:
         return None
@@ -177,8 +213,9 @@ class TriageWorker:
 
     def __init__(self, settings: Settings, bus: Bus, *, pacs: PacsSender | None,
                  lis: LisClient | None, models: TriageModels, metrics: Metrics | None = None,
-                 group_id: str | None = None) -> None:
+                 group_id: str | None = None, ledger: ResultLedger | None = None) -> None:
         self.settings = settings
+        self.ledger = ledger or ResultLedger(settings.data_dir / LEDGER_FILE)
         self.bus = bus
         self.pacs = pacs
         self.lis = lis
@@ -315,8 +352,9 @@ class TriageWorker:
                 log.info("series %s: late instance after completion, reopened", series_uid)
                 st.event = None
             else:
-                st = SeriesState(series_uid, SeriesScorer(self.models.slice, self.models.patient,
-                                                          series_uid))
+                st = SeriesState(series_uid, SeriesScorer(
+                    self.models.slice, self.models.patient, series_uid,
+                    evidence_model=self.models.evidence, ct_source=self.settings.ct_source))
             self._active[series_uid] = st
         return st
 
@@ -365,7 +403,7 @@ class TriageWorker:
                 key = float(ds.get("InstanceNumber") or st.seen)
                 log.warning("series %s: instance %s has no position; ordered by InstanceNumber",
                             series_uid, sop_uid)
-            st.pending.append(SliceInput(sop_uid, key, preprocess.dataset_to_u8(ds)))
+            st.pending.append(slice_input(ds, sop_uid, key, series_uid=series_uid))
         except Hust19Error as exc:
             st.dead += 1
             self._dead_letter(msg, f"slice {sop_uid} of series {series_uid}: {exc.message}",
@@ -454,7 +492,7 @@ class TriageWorker:
         try:
             result = self._triage(st, ev)
             self._publish(result)
-        except BusError:
+        except (BusError, StorageError):
             raise  # not finished: offsets stay in flight, the loop retries
         except Hust19Error as exc:
             log.error("series %s: cannot be triaged: %s", st.series_uid, exc.message)
@@ -467,6 +505,12 @@ class TriageWorker:
         self._finished[st.series_uid] = st
         while len(self._finished) > FINISHED_KEPT:
             self._finished.popitem(last=False)
+        kept = sum(f.scorer.volume_bytes for f in self._finished.values())
+        for finished in self._finished.values():
+            if kept <= FINISHED_VOLUME_BYTES:
+                break
+            kept -= finished.scorer.volume_bytes
+            finished.scorer.release()
 
     def _triage(self, st: SeriesState, ev: SeriesEvent, *,
                 lookup: LabLookup | None = None) -> TriageResult:
@@ -490,44 +534,76 @@ class TriageWorker:
             skip = (f"too short to triage: {usable} axial slice(s), at least "
                     f"{MIN_TRIAGE_SLICES} needed" + (f" ({st.localizers} localizer image(s) "
                                                      "ignored)" if st.localizers else ""))
+        now = datetime.now(UTC)
         if skip is not None:
             log.info("series %s of study %s skipped: %s", ev.series_uid, ev.study_uid, skip)
-            return TriageResult(status="skipped", skip_reason=skip,
-                                timings=Timings(result_ready=datetime.now(UTC), **timings),
-                                **base)
+            return self._revised(TriageResult(status="skipped", skip_reason=skip,
+                                              timings=Timings(result_ready=now, **timings),
+                                              **base))
         assert header is not None
         started = time.perf_counter()
         ct = st.scorer.finish()
+        quantitative = None
+        if ct.analysis is not None and ct.analysis.quant.lungs is not None:
+            quantitative = QuantitativeCt.model_validate(ct.analysis.summary())
         cf_proba, cf_reason = self._cf_scores(header, lookup)
         try:
             decision = decide(ct.proba, cf_proba, self.settings.threshold, self.models.fusion)
         except InputError:
             skip = f"nothing to triage: {ct.reason}; {cf_reason}"
-            return TriageResult(status="skipped", skip_reason=skip,
-                                timings=Timings(result_ready=datetime.now(UTC), **timings),
-                                **base)
+            self._schedule_lis_retry(st, ev)
+            return self._revised(TriageResult(status="skipped", skip_reason=skip,
+                                              quantitative_ct=quantitative,
+                                              scores=ModalityScores(ct_cnn=_scores(ct.cnn_proba)),
+                                              timings=Timings(result_ready=now, **timings),
+                                              **base))
         self.metrics.stage_seconds.labels(stage=STAGE_FUSION).observe(
             time.perf_counter() - started)
-        fused = decision.proba if decision.mode == "plr" else None
+        fused = decision.proba if decision.mode in ("rule", "plr") else None
         availability = Availability(ct=ct.proba is not None, cf=cf_proba is not None,
                                     ct_reason=ct.reason, cf_reason=cf_reason,
-                                    fusion=decision.mode)
-        sr_uid = sr_instance_uid(ev.series_uid, self.models.version)
-        result = TriageResult(
+                                    fusion=decision.mode, ct_source=ct.source)
+        result = self._revised(TriageResult(
             status="triaged", flag=decision.flag, flag_general=decision.flag_general,
             flag_sensitive=decision.flag_sensitive, threshold=decision.threshold,
-            scores=ModalityScores(ct=_scores(ct.proba), cf=_scores(cf_proba),
-                                  fused=_scores(fused)),
-            availability=availability, top_slices=list(ct.top_uids),
-            sr_sop_instance_uid=sr_uid,
-            timings=Timings(result_ready=datetime.now(UTC), **timings), **base)
+            scores=ModalityScores(ct=_scores(ct.proba), ct_cnn=_scores(ct.cnn_proba),
+                                  cf=_scores(cf_proba), fused=_scores(fused)),
+            availability=availability, quantitative_ct=quantitative,
+            top_slices=list(ct.top_uids),
+            timings=Timings(result_ready=now, **timings), **base), with_sr=True)
         result = self._write_sr(result, header, ct)
-        if cf_proba is None and self.settings.lis_retry_s > 0 and self.lis is not None:
-            self._retries[ev.series_uid] = (time.monotonic() + self.settings.lis_retry_s, st)
-        log.info("series %s of study %s triaged: %s (%s, %s threshold), SR %s", ev.series_uid,
-                 ev.study_uid, result.flag, decision.mode, decision.threshold,
-                 result.sr_sop_instance_uid)
+        self._publish_evidence(result, ct)
+        if cf_proba is None:
+            self._schedule_lis_retry(st, ev)
+        log.info("series %s of study %s triaged: %s (%s, %s threshold), revision %d, SR %s",
+                 ev.series_uid, ev.study_uid, result.flag, decision.mode, decision.threshold,
+                 result.revision, result.sr_sop_instance_uid)
         return result
+
+    def _schedule_lis_retry(self, st: SeriesState, ev: SeriesEvent) -> None:
+        """Look the labs up again after ``lis_retry_s`` (when set): a result re-issued with them
+        is a new revision."""
+        if self.settings.lis_retry_s > 0 and self.lis is not None:
+            self._retries[ev.series_uid] = (time.monotonic() + self.settings.lis_retry_s, st)
+
+    def _revised(self, result: TriageResult, with_sr: bool = False) -> TriageResult:
+        """The result with its revision from the ledger (:mod:`agent.ledger`): the content
+        digest decides whether this is a redo (same revision, time and SR UID) or a new
+        revision (new SR UID naming the one it replaces)."""
+        digest = content_digest(result)
+        sr_series = sr_uid = None
+        if with_sr and self.pacs is not None:
+            sr_series = sr_series_uid(result.study_uid, self.models.version)
+            sr_uid = derive_uid("sr-instance", result.series_uid, self.models.version, digest)
+        rev = self.ledger.revise(result.result_id, digest, result.timings.result_ready,
+                                 sr_series, sr_uid)
+        if rev.redo:
+            log.info("series %s: same content as revision %d: redone identically",
+                     result.series_uid, rev.revision)
+        return result.model_copy(update={
+            "revision": rev.revision, "sr_sop_instance_uid": rev.sr_instance_uid,
+            "supersedes_sr_sop_instance_uid": None if rev.previous is None else rev.previous[1],
+            "timings": result.timings.model_copy(update={"result_ready": rev.ready_at})})
 
     def _cf_scores(self, header: pydicom.Dataset,
                    lookup: LabLookup | None) -> tuple[np.ndarray | None, str | None]:
@@ -570,8 +646,12 @@ class TriageWorker:
             return result
         try:
             source = SrSource.from_dataset(header, list(ct.top_uids))
+            predecessor = None
+            if result.supersedes_sr_sop_instance_uid is not None:
+                predecessor = (sr_series_uid(result.study_uid, self.models.version),
+                               result.supersedes_sr_sop_instance_uid)
             ds = build_sr(result, source, algorithm_version=self.models.version,
-                          device_name=self.settings.ae_title)
+                          device_name=self.settings.ae_title, predecessor=predecessor)
             self.pacs.enqueue(ds)
             self.metrics.outbox_depth.set(self.pacs.pending_count())
             return result
@@ -584,6 +664,33 @@ class TriageWorker:
                 study_uid=result.study_uid, series_uid=result.series_uid,
                 failed_at=datetime.now(UTC)))
             return result.model_copy(update={"sr_sop_instance_uid": None})
+
+    def _publish_evidence(self, result: TriageResult, ct: CtResult) -> None:
+        """The evidence slices of ``result`` as thumbnails on ``triage.evidence``."""
+        if not ct.thumbnails:
+            return
+        analysis = ct.analysis
+        order = {} if analysis is None else {k: i for i, k in enumerate(analysis.keys)}
+        per_slice = None if analysis is None else analysis.quant.slice_involvement()
+        slices = []
+        for uid, png, width, height in ct.thumbnails:
+            i = order.get(uid)
+            score = 0.0 if analysis is None or i is None else float(analysis.evidence[i])
+            slices.append(EvidenceSlice(
+                sop_instance_uid=uid, index=0 if i is None else i,
+                score=min(max(score, 0.0), 1.0),
+                involvement_percent=None if per_slice is None or i is None
+                else round(100.0 * float(per_slice[i]), 3),
+                png_b64=base64.b64encode(png).decode(), width=width, height=height))
+        message = EvidenceThumbnails(
+            result_id=result.result_id, revision=result.revision, study_uid=result.study_uid,
+            series_uid=result.series_uid, window_center_hu=WINDOW_CENTER_HU,
+            window_width_hu=WINDOW_WIDTH_HU, slices=slices)
+        assert self._producer is not None
+        self._producer.send(topics.TRIAGE_EVIDENCE, result.series_uid.encode(),
+                            dump_json(message),
+                            [(topics.H_SCHEMA, message.schema_.encode()),
+                             (topics.H_SERIES_UID, result.series_uid.encode())])
 
     def _publish(self, result: TriageResult) -> None:
         assert self._producer is not None

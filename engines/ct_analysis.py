@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -21,9 +21,14 @@ from engines.evidence import EvidenceModel, top_slices
 from engines.quantitative import Quantification
 from engines.volume import SeriesVolume
 
-__all__ = ["CtAnalysis", "analyse"]
+__all__ = ["MAX_MISSING_FRACTION", "CtAnalysis", "analyse"]
 
 log = logging.getLogger(__name__)
+
+MAX_MISSING_FRACTION: Final = 0.1
+"""A series with more slices missing in gaps than this share of the slices present is not
+measured: which part of the lung is missing decides the involvement, and that is not known.
+Fewer are measured, without a volume (the involvement is a share of the lung present)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,16 @@ class CtAnalysis:
 def analyse(volume: SeriesVolume, evidence_model: EvidenceModel, *, xp: ModuleType = np,
             series_uid: str = "") -> CtAnalysis:
     """Segment, measure, score the slices and stage the series ``volume``."""
+    n = len(volume.keys)
+    if volume.missing_slices > MAX_MISSING_FRACTION * n:
+        reason = (f"about {volume.missing_slices} slice(s) missing in "
+                  f"{len(volume.order.gaps)} gap(s) of a {n}-slice series: not measured")
+        log.warning("series %s: %s", series_uid, reason)
+        empty = np.zeros(n, np.int64)
+        quant = Quantification(quantitative.METHOD, empty, empty, empty, None, None, None,
+                               volume.slice_mm, reason=reason)
+        return CtAnalysis(volume.keys, quant, np.zeros(n), (), None, reason,
+                          evidence_model.version, volume.slice_mm, volume.warnings)
     hu: Any = xp.asarray(volume.hu)
     segmentation = lung_segmentation.segment(
         hu, volume.pixel_mm, volume.slice_mm,
@@ -88,7 +103,6 @@ def analyse(volume: SeriesVolume, evidence_model: EvidenceModel, *, xp: ModuleTy
                                   missing_slices=volume.missing_slices, xp=xp,
                                   series_uid=series_uid)
     warnings = tuple(dict.fromkeys((*volume.warnings, *quant.warnings)))
-    n = len(volume.keys)
     if quant.reason is not None:
         return CtAnalysis(volume.keys, quant, np.zeros(n), (), None, quant.reason,
                           evidence_model.version, volume.slice_mm, warnings)

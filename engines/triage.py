@@ -31,7 +31,7 @@ from typing import Any, Final, Literal
 import numpy as np
 import pydicom
 
-from engines import lung, preprocess, volume
+from engines import lung, preprocess, thumbnails, volume
 from engines.ct_analysis import CtAnalysis, analyse
 from engines.evidence import EvidenceModel
 from engines.patient_model import TOP_K, PatientModel, stack
@@ -95,6 +95,12 @@ class CtResult:
     cnn_proba: np.ndarray | None = None
     cnn_top_uids: tuple[str, ...] = ()
     analysis: CtAnalysis | None = field(default=None, repr=False)
+    thumbnails: tuple[tuple[str, bytes, int, int], ...] = field(default=(), repr=False)
+    """(uid, PNG, width, height) of each evidence slice (lung window), when HU was given."""
+
+    def involvement_percent(self) -> float | None:
+        """Lung involvement (%) of the quantitative CT, when it was measured."""
+        return None if self.analysis is None else self.analysis.involvement_percent
 
     def to_dict(self) -> dict[str, Any]:
         def scores(p: np.ndarray | None) -> dict[str, float] | None:
@@ -160,10 +166,24 @@ class SeriesScorer:
         self._hu: list[np.ndarray] = []
         self._headers: list[pydicom.Dataset] = []
         self._hu_uids: list[str] = []
+        self._result: CtResult | None = None
+        self._last: CtResult | None = None
+        self._released = False
 
     @property
     def n_slices(self) -> int:
         return len(self._scores)
+
+    @property
+    def volume_bytes(self) -> int:
+        """Memory held by the kept HU slices."""
+        return sum(int(h.nbytes) for h in self._hu)
+
+    def release(self) -> None:
+        """Drop the kept HU slices (memory). A later :meth:`finish` after more slices keeps
+        the quantitative CT of the last completion and says so."""
+        self._hu, self._headers, self._hu_uids = [], [], []
+        self._released = True
 
     def add_slices(self, items: Sequence[SliceInput]) -> list[SliceScore]:
         """Lung-extract and score one micro-batch of slices; keep their HU for the series."""
@@ -172,11 +192,12 @@ class SeriesScorer:
         extractions = [lung.extract(it.image_u8) for it in items]
         proba = self.slice_model.score(np.stack([e.crop for e in extractions]))
         out = []
+        self._result = None  # the series changed: the next finish() recomputes
         for it, ext, p in zip(items, extractions, proba, strict=True):
             s = SliceScore(it.uid, float(it.order_key), float(ext.area_fraction),
                            float(p[NICT]), float(p[PCT]), float(p[NCT]))
             out.append(s)
-            if it.hu is not None and it.header is not None:
+            if it.hu is not None and it.header is not None and not self._released:
                 self._hu.append(it.hu)
                 self._headers.append(it.header)
                 self._hu_uids.append(it.uid)
@@ -213,9 +234,18 @@ class SeriesScorer:
         return analysis, analysis.reason
 
     def finish(self) -> CtResult:
-        """The quantitative CT and the CNN path (module docstring) -> CT scores."""
+        """The quantitative CT and the CNN path (module docstring) -> CT scores. Repeated
+        without new slices, it returns the same result without recomputing."""
+        if self._result is not None:
+            return self._result
         chosen = sorted(self._heap, key=lambda e: e[4])
-        analysis, quant_reason = self._analyse()
+        previous = self._last
+        if self._released and previous is not None:
+            log.warning("series %s: slices arrived after the series' volume was released; "
+                        "the quantitative CT of the last completion is kept", self.series_uid)
+            analysis, quant_reason = previous.analysis, previous.reason
+        else:
+            analysis, quant_reason = self._analyse()
         cnn_proba = None
         if chosen:
             cnn_proba = self.patient_model.score(stack([e[5] for e in chosen], self.k))
@@ -235,8 +265,12 @@ class SeriesScorer:
                      self.series_uid, np.round(proba, 4).tolist(), self.ct_source,
                      None if cnn_proba is None else np.round(cnn_proba, 4).tolist(),
                      len(self._scores))
-        self._hu, self._headers, self._hu_uids = [], [], []  # the volume is not kept
-        return CtResult(
+        index = {uid: i for i, uid in enumerate(self._hu_uids)}
+        thumbs = tuple((uid, *thumbnails.thumbnail_png(self._hu[index[uid]]))
+                       for uid in top if uid in index)
+        if not thumbs and previous is not None:
+            thumbs = previous.thumbnails
+        self._result = CtResult(
             series_uid=self.series_uid, proba=proba, n_slices=len(self._scores),
             n_usable=sum(s.nict <= self.slice_model.nict_max for s in self._scores),
             top_uids=top, top_pct=tuple(float(e[0]) for e in chosen),
@@ -244,7 +278,9 @@ class SeriesScorer:
             patient_model_version=self.patient_model.version, reason=reason,
             slices=tuple(sorted(self._scores, key=lambda s: s.order_key)),
             source=self.ct_source, cnn_proba=cnn_proba, cnn_top_uids=cnn_top,
-            analysis=analysis)
+            analysis=analysis, thumbnails=thumbs)
+        self._last = self._result
+        return self._result
 
 
 def slice_input(ds: pydicom.Dataset, uid: str | None = None, key: float | None = None, *,

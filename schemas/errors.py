@@ -59,3 +59,7 @@ class EngineError(Hust19Error):
 
 class BackendUnavailable(EngineError):
     """An inference backend cannot run here (no GPU, package missing, engine build failed)."""
+
+
+class StorageError(Hust19Error):
+    """A durable local store (spool, outbox, result ledger) could not be read or written."""

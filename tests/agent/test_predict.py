@@ -56,6 +56,38 @@ def test_p002_subset_with_junk_file(tmp_path: Path, chest_series: Path) -> None:
     assert out["ct"]["n_slices"] == 40
     assert out["models"]["slice"].startswith("slice-")
     assert out["models"]["patient"].startswith("patient-")
+    assert out["models"]["evidence"].startswith("evidence-")
+    # 40 mid-chest slices: the lungs run past both ends, so there is no lung volume, but the
+    # involvement (a share of the lung present) is measured
+    assert isinstance(out["lung_involvement_percent"], float)
+    quant = out["quantitative_ct"]
+    assert quant["lungs"]["volume_ml"] is None
+    assert any("does not cover the whole lungs" in w for w in quant["warnings"])
+    assert out["ct"]["source"] == "quantitative" and out["ct"]["cnn_scores"] is not None
+
+
+@pytest.mark.slow
+def test_normal_series_is_control_with_its_measurements_and_labs_fuse_by_the_rule(
+        tmp_path: Path, chest_series: Path) -> None:
+    proc = _predict(str(chest_series / "normal001"), "--backend", "onnxruntime")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["flag"] == "control" and out["mode"] == "ct_only"
+    assert 0.0 <= out["lung_involvement_percent"] < 0.5
+    quant = out["quantitative_ct"]
+    assert quant["severity"] == "CT-0" and quant["slices_with_lung"] > 100
+    assert 3000 < quant["lungs"]["volume_ml"] < 4000
+    assert quant["right"]["volume_ml"] > quant["left"]["volume_ml"] > 0
+    assert len(out["top10_sop_instance_uids"]) == 10
+    labs = tmp_path / "labs.json"
+    labs.write_text(json.dumps({"CRP": 80.0, "LYP": 9.0, "AGE": 67, "GENDER": 1}))
+    fused = _predict(str(chest_series / "normal001"), "--backend", "onnxruntime",
+                     "--labs", str(labs))
+    assert fused.returncode == 0, fused.stderr
+    both = json.loads(fused.stdout)
+    assert both["mode"] == "rule" and both["modalities"]["missing"] == []
+    cf = both["cf"]["scores"]
+    assert both["scores"]["control"] == pytest.approx(cf["control"])
 
 
 @pytest.mark.slow

@@ -235,3 +235,57 @@ def test_unusable_results_are_refused(normal_source: SrSource) -> None:
     wrong_evidence = make_result(normal_source).model_copy(update={"top_slices": ["1.2.3"]})
     with pytest.raises(InputError, match="top slices"):
         build_sr(wrong_evidence, normal_source, algorithm_version=VERSION)
+
+
+QUANT = {
+    "method": "qct-1+ct-stage-1+evidence-test",
+    "lungs": {"volume_ml": 4003.153, "mean_hu": -813.0, "well_aerated_percent": 84.5,
+              "ground_glass_percent": 3.248, "consolidation_percent": 0.205,
+              "involvement_percent": 3.453},
+    "right": {"volume_ml": 2219.9, "mean_hu": -833.5, "well_aerated_percent": 88.2,
+              "ground_glass_percent": 0.334, "consolidation_percent": 0.026,
+              "involvement_percent": 0.36},
+    "left": {"volume_ml": None, "mean_hu": -787.5, "well_aerated_percent": 79.9,
+             "ground_glass_percent": 6.875, "consolidation_percent": 0.428,
+             "involvement_percent": 7.303},
+    "severity": "CT-1", "slices_with_lung": 117, "slice_spacing_mm": 2.0, "warnings": []}
+
+
+def test_quantitative_ct_is_in_the_sr_as_numbers_with_ucum_units(
+        normal_source: SrSource, tmp_path: Path) -> None:
+    from schemas.messages import QuantitativeCt
+
+    result = make_result(normal_source, "type1").model_copy(update={
+        "quantitative_ct": QuantitativeCt.model_validate(QUANT)})
+    path = save(build_sr(result, normal_source, algorithm_version=VERSION), tmp_path / "sr.dcm")
+    dump = dsrdump(path)
+    assert '(LUNG-INVOLVEMENT,99HUST19,"Lung involvement (ground glass and consolidation)")' \
+           '="3.453" (%,UCUM,"percent")' in dump
+    assert '(118565006,SCT,"Volume")="4003.153" (mL,UCUM,"milliliter")' in dump
+    assert '="7.303" (%,UCUM,"percent")' in dump  # the left lung's involvement
+    assert '(112031,DCM,"Attenuation Coefficient")="-813.0" ([hnsf\'U],UCUM,"Hounsfield unit")' in dump
+    assert '(CT-SEVERITY,99HUST19,"CT severity category")=(CT-1,99HUST19,' in dump
+    assert '(3341006,SCT,"Right lung")' in dump and '(44029006,SCT,"Left lung")' in dump
+    assert dump.count('(118565006,SCT,"Volume")') == 2, "no volume where the series gave none"
+    assert f'(112002,DCM,"Series Instance UID")="{normal_source.series_uid}"' in dump
+    report = srread(path).content
+    groups = report.get_image_measurement_groups()
+    assert len(groups) == 4  # the triage group and one per lung region
+
+
+def test_a_replacing_sr_names_its_predecessor(normal_source: SrSource, tmp_path: Path) -> None:
+    old = build_sr(make_result(normal_source), normal_source, algorithm_version=VERSION)
+    new_uid = "2.25.1234567"
+    result = make_result(normal_source, "type2", cf=True).model_copy(update={
+        "sr_sop_instance_uid": new_uid, "revision": 2,
+        "supersedes_sr_sop_instance_uid": old.SOPInstanceUID})
+    new = build_sr(result, normal_source, algorithm_version=VERSION,
+                   predecessor=(old.SeriesInstanceUID, old.SOPInstanceUID))
+    assert new.SOPInstanceUID == new_uid != old.SOPInstanceUID
+    (study,) = new.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == normal_source.study_uid
+    (series,) = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == old.SeriesInstanceUID
+    (item,) = series.ReferencedSOPSequence
+    assert item.ReferencedSOPInstanceUID == old.SOPInstanceUID
+    dsrdump(save(new, tmp_path / "new.dcm"))

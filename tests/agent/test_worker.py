@@ -19,7 +19,7 @@ import pytest
 from agent.app import ALL_ROLES, ROLE_INGEST, ROLE_WORKER, Agent
 from agent.commands.lis import import_ictcf
 from schemas import topics
-from schemas.messages import DeadLetter, TriageResult
+from schemas.messages import DeadLetter, EvidenceThumbnails, TriageResult
 from tests.fixtures.dicom import (
     SAMPLE,
     copy_series,
@@ -34,12 +34,18 @@ from tests.fixtures.kafka import kafka_test_overrides
 pytestmark = pytest.mark.slow
 
 SAMPLE_PATIENT = "Lung_Dx-A0002"
+NORMAL_PATIENT = "99C628-ASAD"
 LINKED_ICTCF_PATIENT = "778"
 SR_WAIT_S = 90.0
 
 
 def _sample_files() -> list[Path]:
     return sorted(SAMPLE.glob("*.dcm"))
+
+
+def _normal_files(chest_series: Path) -> list[Path]:
+    """normal001: 154 slices of 2 mm, JPEG Lossless, valid UIDs (send with ``-xs``)."""
+    return sorted((chest_series / "normal001").iterdir())
 
 
 def _sr_files(pacs_dir: Path, timeout_s: float = SR_WAIT_S, count: int = 1) -> list[Path]:
@@ -58,9 +64,9 @@ def _results(agent: Agent, count: int) -> list[TriageResult]:
             for m in read_topic(agent.bus, topics.TRIAGE_RESULTS, count, SR_WAIT_S)]
 
 
-def _demo_lis(url: str, shared_data: Path) -> str:
+def _demo_lis(url: str, shared_data: Path, patient: str = SAMPLE_PATIENT) -> str:
     import_ictcf(shared_data / "ictcf", url, patient_ids=[LINKED_ICTCF_PATIENT],
-                 aliases={SAMPLE_PATIENT: LINKED_ICTCF_PATIENT})
+                 aliases={patient: LINKED_ICTCF_PATIENT})
     return url
 
 
@@ -92,32 +98,71 @@ def _check_sr(path: Path, result: TriageResult) -> None:
 
 def test_series_to_sr_at_pacs_on_embedded_bus_with_sqlite_lis(
         running_agent: Callable[..., Agent], storescp: Callable[..., tuple[int, Path]],
-        tmp_path: Path, shared_data: Path) -> None:
+        tmp_path: Path, shared_data: Path, chest_series: Path) -> None:
+    """normal001 (JPEG Lossless) with labs: the quantitative CT, the patient CNN beside it,
+    the CF model and the fusion rule in the result, the measurements in the SR, the evidence
+    thumbnails on their topic."""
     pacs_port, pacs_dir = storescp(aet="PACS")
-    lis = _demo_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data)
+    lis = _demo_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data, NORMAL_PATIENT)
     agent = running_agent(roles=ALL_ROLES, pacs=[f"127.0.0.1:{pacs_port}:PACS"], lis=lis,
                           allow_ae=["STORESCU"], series_quiet_s=1.0)
-    files = _sample_files()
-    assert run_storescu(files, agent.port, "HUST19").returncode == 0
+    files = _normal_files(chest_series)
+    assert run_storescu(files, agent.port, "HUST19", extra=["-xs"]).returncode == 0
 
     (sr,) = _sr_files(pacs_dir)
     (result,) = _results(agent, 1)
     assert result.status == "triaged" and result.flag in ("control", "type1", "type2")
+    assert result.revision == 1 and result.supersedes_sr_sop_instance_uid is None
     assert result.instance_count == len(files)
-    assert result.patient_id == SAMPLE_PATIENT
+    assert result.patient_id == NORMAL_PATIENT
     assert result.availability is not None
     assert result.availability.ct and result.availability.cf
-    assert result.availability.fusion == "plr"
-    assert result.scores.ct and result.scores.cf and result.scores.fused
-    assert abs(result.scores.fused.control + result.scores.fused.type1
-               + result.scores.fused.type2 - 1.0) < 1e-4
-    assert set(result.model_versions) == {"slice", "patient", "cf", "fusion"}
+    assert result.availability.fusion == "rule"
+    assert result.availability.ct_source == "quantitative"
+    assert result.scores.ct and result.scores.cf and result.scores.fused and result.scores.ct_cnn
+    assert result.scores.fused.control == pytest.approx(result.scores.cf.control)
+    assert result.scores.ct.control > 0.5, "normal lungs on CT"
+    quant = result.quantitative_ct
+    assert quant is not None and quant.severity == "CT-0"
+    assert quant.lungs.volume_ml is not None and 3000 < quant.lungs.volume_ml < 4000
+    assert quant.lungs.involvement_percent is not None and quant.lungs.involvement_percent < 0.5
+    assert set(result.model_versions) == {"slice", "patient", "cf", "fusion", "evidence"}
     t = result.timings
     assert t.first_instance_received and t.last_instance_received and t.series_complete
     assert t.first_instance_received <= t.last_instance_received <= t.series_complete \
         <= t.result_ready
     sop_uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
     assert set(result.top_slices) <= sop_uids
+    _check_sr(sr, result)
+    dump = _dsrdump_ok(sr)
+    assert "Lung involvement" in dump and '(mL,UCUM,"milliliter")' in dump
+    (evidence,) = [EvidenceThumbnails.model_validate_json(m.value)
+                   for m in read_topic(agent.bus, topics.TRIAGE_EVIDENCE, 1, SR_WAIT_S)]
+    assert (evidence.result_id, evidence.revision) == (result.result_id, result.revision)
+    assert [s.sop_instance_uid for s in evidence.slices] == result.top_slices
+    assert all(base64.b64decode(s.png_b64).startswith(b"\x89PNG") for s in evidence.slices)
+
+
+def test_thick_sample_series_is_triaged_on_labs_saying_why_ct_was_not(
+        running_agent: Callable[..., Agent], storescp: Callable[..., tuple[int, Path]],
+        tmp_path: Path, shared_data: Path) -> None:
+    """The repository's 8 mm sample: lungs measured, no involvement (slices too thick), the
+    flag from the labs, the patient CNN still reported."""
+    pacs_port, pacs_dir = storescp(aet="PACS")
+    lis = _demo_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data)
+    agent = running_agent(roles=ALL_ROLES, pacs=[f"127.0.0.1:{pacs_port}:PACS"], lis=lis,
+                          series_quiet_s=1.0)
+    assert run_storescu(_sample_files(), agent.port, "HUST19").returncode == 0
+    (sr,) = _sr_files(pacs_dir)
+    (result,) = _results(agent, 1)
+    assert result.status == "triaged" and result.availability is not None
+    assert not result.availability.ct and result.availability.cf
+    assert result.availability.fusion == "cf_only"
+    assert "8 mm thick" in (result.availability.ct_reason or "")
+    assert result.scores.ct is None and result.scores.ct_cnn is not None
+    quant = result.quantitative_ct
+    assert quant is not None and quant.severity is None
+    assert quant.lungs.volume_ml is not None and quant.lungs.involvement_percent is None
     _check_sr(sr, result)
 
 
@@ -154,14 +199,12 @@ def test_bad_input_is_skipped_or_dead_lettered_and_the_pipeline_goes_on(
     assert "not a chest series (BodyPartExamined HEAD)" in (results[head_uid].skip_reason or "")
     assert results[short_uid].status == "skipped"
     assert "too short to triage: 5" in (results[short_uid].skip_reason or "")
-    (good,) = [r for r in results.values() if r.status == "triaged"]
-    assert good.availability is not None
-    assert good.availability.ct and not good.availability.cf
-    assert good.availability.fusion == "ct_only"
-    assert "LIS unreachable" in (good.availability.cf_reason or "")
-    assert good.scores.cf is None and good.scores.fused is None
-    (sr,) = _sr_files(pacs_dir)
-    _check_sr(sr, good)
+    sample_uid = pydicom.dcmread(_sample_files()[0], stop_before_pixels=True).SeriesInstanceUID
+    last = results[sample_uid]  # 8 mm slices: no involvement; LIS down: no labs
+    assert last.status == "skipped" and last.quantitative_ct is not None
+    assert "8 mm thick" in (last.skip_reason or "")
+    assert "LIS unreachable" in (last.skip_reason or "")
+    assert not list(pacs_dir.iterdir()), "no SR for skipped series"
 
 
 @pytest.mark.kafka
@@ -241,7 +284,7 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def test_kill9_worker_mid_series_gives_exactly_one_sr(
-        storescp: Callable[..., tuple[int, Path]], tmp_path: Path,
+        storescp: Callable[..., tuple[int, Path]], tmp_path: Path, shared_data: Path,
         processes: list[subprocess.Popen[bytes]]) -> None:
     pacs_port, pacs_dir = storescp(aet="PACS")
     data = tmp_path / "data"
@@ -249,8 +292,9 @@ def test_kill9_worker_mid_series_gives_exactly_one_sr(
     processes.append(_spawn(["ingest", "--data-dir", str(data), "--port", str(port),
                              "--host", "127.0.0.1", "--series-quiet-s", "3"],
                             tmp_path / "ingest.log"))
+    lis = _demo_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data)  # the SR needs labs
     worker_args = ["worker", "--data-dir", str(data), "--pacs", f"127.0.0.1:{pacs_port}:PACS",
-                   "--log-level", "DEBUG"]
+                   "--lis", lis, "--log-level", "DEBUG"]
     http = free_port()
     first = _spawn([*worker_args, "--http-port", str(http)], tmp_path / "worker1.log")
     processes.append(first)
@@ -275,38 +319,39 @@ def test_kill9_worker_mid_series_gives_exactly_one_sr(
     _dsrdump_ok(sr)
 
 
-def test_labs_that_arrive_later_reissue_the_result_with_the_same_sr_uid(
+def test_labs_that_arrive_later_are_a_new_revision_with_a_new_sr_naming_the_first(
         running_agent: Callable[..., Agent], storescp: Callable[..., tuple[int, Path]],
-        tmp_path: Path, shared_data: Path) -> None:
-    """Unknown patient at completion: CT-only result saying so; with lis_retry_s the lookup
-    is retried, and once the labs are in the LIS the result is re-issued fused, with the
-    same SR UID (the PACS keeps one report)."""
+        tmp_path: Path, shared_data: Path, chest_series: Path) -> None:
+    """Unknown patient at completion: a CT-only result saying so, and its SR. With
+    lis_retry_s the lookup is retried; once the labs are in the LIS the result is re-issued
+    fused as revision 2, with a NEW SR UID whose Predecessor Documents Sequence names the
+    first SR (a PACS keeps the first copy of a UID, so one UID never carries two contents)."""
     pacs_port, pacs_dir = storescp(aet="PACS")
     lis = f"sqlite:///{tmp_path / 'lis.sqlite'}"
     import_ictcf(shared_data / "ictcf", lis, patient_ids=[LINKED_ICTCF_PATIENT])  # no alias yet
     agent = running_agent(roles=ALL_ROLES, pacs=[f"127.0.0.1:{pacs_port}:PACS"], lis=lis,
                           series_quiet_s=1.0, lis_retry_s=3.0)
-    assert run_storescu(_sample_files(), agent.port, "HUST19").returncode == 0
+    assert run_storescu(_normal_files(chest_series), agent.port, "HUST19",
+                        extra=["-xs"]).returncode == 0
     (first,) = _results(agent, 1)
     assert first.availability is not None and not first.availability.cf
     assert first.availability.cf_reason == "patient not found in the LIS"
-    _demo_lis(lis, shared_data)  # the labs (the alias) arrive
+    assert first.revision == 1 and first.sr_sop_instance_uid is not None
+    _demo_lis(lis, shared_data, NORMAL_PATIENT)  # the labs (the alias) arrive
     first_again, second = _results(agent, 2)
     assert first_again == first
+    assert second.result_id == first.result_id and second.revision == 2
     assert second.availability is not None and second.availability.cf
-    assert second.availability.fusion == "plr"
-    assert second.sr_sop_instance_uid == first.sr_sop_instance_uid
+    assert second.availability.fusion == "rule"
+    assert second.sr_sop_instance_uid not in (None, first.sr_sop_instance_uid)
+    assert second.supersedes_sr_sop_instance_uid == first.sr_sop_instance_uid
     assert second.scores.ct == first.scores.ct
-    deadline = time.monotonic() + SR_WAIT_S
-    while True:  # the re-issued SR replaces the first one under the same UID
-        srs = _sr_files(pacs_dir)
-        assert [p.name for p in srs] == [f"SRc.{first.sr_sop_instance_uid}"]
-        # storescp rewrites the file in place when the second SR arrives: a read that meets
-        # the file half-written fails, and is simply tried again
-        dump = subprocess.run([dcmtk("dsrdump"), "-Ee", str(srs[0])], capture_output=True,
-                              text=True, timeout=60)
-        if dump.returncode == 0 and "HUST-19 clinical-feature model" in dump.stdout:
-            break
-        assert time.monotonic() < deadline, \
-            f"the re-issued SR with CF scores did not arrive: {dump.stderr}"
-        time.sleep(0.5)
+    assert second.quantitative_ct == first.quantitative_ct
+    srs = {pydicom.dcmread(p).SOPInstanceUID: p for p in _sr_files(pacs_dir, count=2)}
+    assert set(srs) == {first.sr_sop_instance_uid, second.sr_sop_instance_uid}
+    replacing = pydicom.dcmread(srs[second.sr_sop_instance_uid])
+    (study,) = replacing.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+        first.sr_sop_instance_uid
+    assert "HUST-19 clinical-feature model" in _dsrdump_ok(srs[second.sr_sop_instance_uid])

@@ -1,4 +1,5 @@
-"""SeriesScorer (streaming CT scoring) and decide() on real slices and the shipped models."""
+"""SeriesScorer (streaming CT scoring: the quantitative CT of the volume and the paper's CNN
+path) and decide() on real slices and the shipped models."""
 
 from __future__ import annotations
 
@@ -10,9 +11,17 @@ import pydicom
 import pytest
 
 from engines import preprocess
+from engines.evidence import EvidenceModel
 from engines.patient_model import PatientModel, select_top, stack
 from engines.slice_model import SliceModel
-from engines.triage import NO_USABLE_SLICE, SeriesScorer, SliceInput, decide, order_key
+from engines.triage import (
+    NO_USABLE_SLICE,
+    SeriesScorer,
+    SliceInput,
+    decide,
+    order_key,
+    slice_input,
+)
 from schemas.errors import InputError
 
 N_SLICES = 24
@@ -35,11 +44,12 @@ def p002_inputs(chest_series: Path) -> list[SliceInput]:
 
 def test_streaming_order_and_batching_do_not_change_the_result(
         models: tuple[SliceModel, PatientModel], p002_inputs: list[SliceInput]) -> None:
-    one = SeriesScorer(*models, series_uid="P002")
+    """The paper's CNN path (``ct_source='patient_cnn'``): slices without HU."""
+    one = SeriesScorer(*models, series_uid="P002", ct_source="patient_cnn")
     one.add_slices(p002_inputs)
     a = one.finish()
     shuffled = [p002_inputs[i] for i in np.random.default_rng(3).permutation(N_SLICES)]
-    many = SeriesScorer(*models, series_uid="P002")
+    many = SeriesScorer(*models, series_uid="P002", ct_source="patient_cnn")
     for start in range(0, N_SLICES, 5):
         many.add_slices(shuffled[start:start + 5])
     b = many.finish()
@@ -48,6 +58,7 @@ def test_streaming_order_and_batching_do_not_change_the_result(
     assert a.top_uids == b.top_uids
     assert a.n_slices == b.n_slices == N_SLICES
     assert 0 < len(a.top_uids) <= 10
+    assert a.cnn_proba is not None and a.analysis is None
 
 
 def test_selection_and_stack_equal_the_batch_definition(
@@ -56,7 +67,7 @@ def test_selection_and_stack_equal_the_batch_definition(
     from engines import lung
 
     slice_model, patient_model = models
-    scorer = SeriesScorer(slice_model, patient_model)
+    scorer = SeriesScorer(slice_model, patient_model, ct_source="patient_cnn")
     scorer.add_slices(p002_inputs)
     result = scorer.finish()
     crops = np.stack([lung.extract(s.image_u8).crop for s in p002_inputs])
@@ -71,13 +82,20 @@ def test_selection_and_stack_equal_the_batch_definition(
 
 
 def test_blank_slices_give_no_ct_result(models: tuple[SliceModel, PatientModel]) -> None:
-    scorer = SeriesScorer(*models, series_uid="blank")
+    scorer = SeriesScorer(*models, series_uid="blank", ct_source="patient_cnn")
     scorer.add_slices([SliceInput(f"b{i}", float(i), np.zeros((512, 512), np.uint8))
                        for i in range(3)])
     result = scorer.finish()
     assert result.proba is None
     assert result.reason == NO_USABLE_SLICE
     assert result.to_dict()["scores"] is None
+    quantitative = SeriesScorer(*models, series_uid="blank",
+                                evidence_model=EvidenceModel.load())
+    quantitative.add_slices([SliceInput(f"b{i}", float(i), np.zeros((512, 512), np.uint8))
+                             for i in range(3)])
+    result = quantitative.finish()
+    assert result.proba is None and result.analysis is None
+    assert result.reason is not None and "no HU slices" in result.reason
 
 
 def test_add_datasets_needs_ids_when_sop_uid_is_empty(
@@ -103,3 +121,43 @@ def test_decide_ct_only_and_missing_everything() -> None:
     assert decide(np.array([0.1, 0.6, 0.3]), None, "sensitive").flag == d.flag_sensitive
     with pytest.raises(InputError):
         decide(None, None)
+
+
+@pytest.fixture(scope="module")
+def p002_full(chest_series: Path) -> list[SliceInput]:
+    """Every slice of P002 with HU and geometry (file names as ids)."""
+    files = sorted((chest_series / "P002").iterdir())
+    return [slice_input(pydicom.dcmread(f), f.name, series_uid="P002") for f in files]
+
+
+@pytest.mark.slow
+def test_quantitative_ct_is_the_same_whatever_the_arrival_order(
+        models: tuple[SliceModel, PatientModel], p002_full: list[SliceInput]) -> None:
+    evidence = EvidenceModel.load()
+    one = SeriesScorer(*models, series_uid="P002", evidence_model=evidence)
+    one.add_slices(p002_full)
+    a = one.finish()
+    shuffled = [p002_full[i] for i in np.random.default_rng(7).permutation(len(p002_full))]
+    many = SeriesScorer(*models, series_uid="P002", evidence_model=evidence)
+    for start in range(0, len(shuffled), 16):
+        many.add_slices(shuffled[start:start + 16])
+    b = many.finish()
+    assert a.source == b.source == "quantitative"
+    assert a.analysis is not None and b.analysis is not None
+    assert a.analysis.keys == b.analysis.keys
+    assert a.involvement_percent() == b.involvement_percent() is not None
+    assert a.proba is not None and b.proba is not None
+    np.testing.assert_allclose(a.proba, b.proba)
+    assert a.top_uids == b.top_uids == a.analysis.top_keys and len(a.top_uids) == 10
+    assert int(np.argmax(a.proba)) == 1  # P002: pneumonia (CT-1), not control
+    assert a.cnn_proba is not None  # the patient CNN is reported beside it
+    assert [uid for uid, *_ in a.thumbnails] == list(a.top_uids)
+    assert all(png.startswith(b"\x89PNG") and max(w, h) == 128 for _, png, w, h in a.thumbnails)
+    assert many.finish() is b, "a repeated finish() without new slices is not recomputed"
+    held = many.volume_bytes
+    assert held == sum(s.hu.nbytes for s in p002_full if s.hu is not None)
+    many.release()
+    assert many.volume_bytes == 0
+    many.add_slices(shuffled[:1])  # a late (here: repeated) slice after the release
+    c = many.finish()
+    assert c is not b and c.analysis is b.analysis, "the released volume's CT is kept"
