@@ -33,7 +33,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import pydicom
@@ -53,6 +53,7 @@ from agent.uids import derive_uid, result_id, sr_series_uid
 from engines.cf import CfModel, vectorise
 from engines.evidence import EvidenceModel
 from engines.fusion import FusionModel
+from engines.lung_gpu import array_module
 from engines.patient_model import PatientModel
 from engines.slice_model import SliceModel
 from engines.thumbnails import WINDOW_CENTER_HU, WINDOW_WIDTH_HU
@@ -116,12 +117,16 @@ class TriageModels:
     cf: CfModel
     fusion: FusionModel
     evidence: EvidenceModel
+    xp: Any = np
+    """The array module of the quantitative CT: CuPy when the CNNs run on TensorRT."""
 
     @classmethod
     def load(cls, backend: str = "auto") -> TriageModels:
-        return cls(SliceModel.load(backend=backend),  # type: ignore[arg-type]
-                   PatientModel.load(backend=backend),  # type: ignore[arg-type]
-                   CfModel.load_default(), FusionModel.load_default(), EvidenceModel.load())
+        models = cls(SliceModel.load(backend=backend),  # type: ignore[arg-type]
+                     PatientModel.load(backend=backend),  # type: ignore[arg-type]
+                     CfModel.load_default(), FusionModel.load_default(), EvidenceModel.load())
+        models.xp = array_module(models.backend_name == "tensorrt")
+        return models
 
     @property
     def versions(self) -> dict[str, str]:
@@ -354,7 +359,8 @@ class TriageWorker:
             else:
                 st = SeriesState(series_uid, SeriesScorer(
                     self.models.slice, self.models.patient, series_uid,
-                    evidence_model=self.models.evidence, ct_source=self.settings.ct_source))
+                    evidence_model=self.models.evidence, ct_source=self.settings.ct_source,
+                    xp=self.models.xp))
             self._active[series_uid] = st
         return st
 

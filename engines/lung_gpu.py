@@ -101,3 +101,19 @@ def score_series_gpu(images_u8: Any, backend: Any) -> tuple[np.ndarray, GpuLungB
     name = backend.inputs[0].name
     out = backend.run_device({name: x})
     return out[backend.outputs[0].name], batch
+
+
+def array_module(on_gpu: bool) -> Any:
+    """The array module the quantitative CT runs on (:mod:`engines.ct_analysis`): CuPy when
+    the models run on the GPU and CuPy imports, else NumPy (said in the log)."""
+    if not on_gpu:
+        return np
+    ok, why = cupy_available()
+    if not ok:
+        log.warning("quantitative CT on the CPU: %s", why)
+        return np
+    try:
+        return _cupy()
+    except BackendUnavailable as exc:
+        log.warning("quantitative CT on the CPU: %s", exc.message)
+        return np

@@ -119,6 +119,7 @@ def predict(folder: Path, labs: Path | None = None, threshold: str = "general",
     """The whole offline triage of one folder; returns the JSON document."""
     from engines import series
     from engines.evidence import EvidenceModel
+    from engines.lung_gpu import array_module
     from engines.patient_model import PatientModel
     from engines.slice_model import SliceModel
     from engines.triage import SeriesScorer, decide, slice_input
@@ -137,8 +138,9 @@ def predict(folder: Path, labs: Path | None = None, threshold: str = "general",
     slice_model = SliceModel.load(backend=backend)  # type: ignore[arg-type]
     patient_model = PatientModel.load(backend=backend)  # type: ignore[arg-type]
     evidence_model = EvidenceModel.load()
+    on_gpu = getattr(slice_model.backend, "name", "") == "tensorrt"
     scorer = SeriesScorer(slice_model, patient_model, series_uid,
-                          evidence_model=evidence_model,
+                          evidence_model=evidence_model, xp=array_module(on_gpu),
                           ct_source=ct_source)  # type: ignore[arg-type]
     for start in range(0, len(datasets), MICRO_BATCH):
         scorer.add_slices([slice_input(ds, uids[i], float(rank[i]), series_uid=series_uid,

@@ -196,3 +196,39 @@ def test_gpu_series_path_matches_cpu(tmp_path: Path, real_series: dict[str, np.n
         diff = float(np.max(np.abs(probs - ref)))
         assert diff <= PROB_TOL, f"{name}: max |p_gpu - p_cpu| = {diff:.4f}"
     trt.close()
+
+
+def needs_cupy_gpu(what: str) -> pytest.MarkDecorator:
+    """The quantitative CT needs CuPy and a CUDA device, not TensorRT."""
+    ok = False
+    why = CUPY_WHY
+    if CUPY_OK:
+        try:
+            import cupy
+
+            ok = cupy.cuda.runtime.getDeviceCount() > 0
+            why = "CuPy sees a CUDA device" if ok else "CuPy sees no CUDA device"
+        except Exception as exc:  # CUDA driver errors of every kind
+            why = f"CuPy cannot reach a GPU: {exc}"
+    return pytest.mark.skipif(not ok, reason=f"needs CuPy and an NVIDIA GPU ({why}): would "
+                                             f"check {what}")
+
+
+@needs_cupy_gpu("the quantitative CT (lung segmentation, bands, opacities) on CuPy gives "
+                "the NumPy path's lung volume, involvement and per-slice counts")
+@pytest.mark.parametrize("series", SERIES)
+def test_quantitative_ct_on_cupy_equals_numpy(chest_series: Path, series: str) -> None:
+    import cupy
+
+    from engines import ct_analysis
+    from engines.evidence import EvidenceModel
+    from engines.training.series_data import LabelledSeries, load_volume
+
+    volume, _ = load_volume(LabelledSeries(series, chest_series / series, True))
+    model = EvidenceModel.load()
+    cpu = ct_analysis.analyse(volume, model, xp=np)
+    gpu = ct_analysis.analyse(volume, model, xp=cupy)
+    np.testing.assert_array_equal(cpu.quant.lung_px, gpu.quant.lung_px)
+    np.testing.assert_array_equal(cpu.quant.opacity_px, gpu.quant.opacity_px)
+    assert cpu.involvement_percent == pytest.approx(gpu.involvement_percent, abs=1e-9)
+    assert cpu.top == gpu.top
