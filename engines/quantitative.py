@@ -67,6 +67,7 @@ __all__ = [
     "WELL_AERATED_HU",
     "LungFigures",
     "Quantification",
+    "opacities",
     "quantify",
 ]
 
@@ -192,6 +193,30 @@ def _select(counts: np.ndarray, sides: list[int], bits: int = 0) -> np.ndarray:
     return counts[:, codes].sum(axis=1)
 
 
+def opacities(hu: Any, lung: Any, pixel_mm: float, *, xp: ModuleType = np,
+              top_open: bool = False, bottom_open: bool = False) -> tuple[Any, Any, Any]:
+    """Steps 1-4 of the module docstring on a stack: (cores, opacities, solid) boolean masks.
+
+    ``lung`` is the lung mask of the same stack; the first and last slices count as lung
+    surfaces unless ``top_open`` / ``bottom_open`` say the stack continues beyond them."""
+    rim, core_size = _odd(RIM_MM / pixel_mm), _odd(CORE_MM / pixel_mm)
+    grow, dense_size = _odd(2 * GROW_MM / pixel_mm), _odd(CONSOLIDATION_CORE_MM / pixel_mm)
+    inner = lung.copy()
+    inner[1:] &= lung[:-1]
+    inner[:-1] &= lung[1:]
+    if not top_open:
+        inner[0] = False  # the first slice's cranial neighbour is unknown
+    if not bottom_open:
+        inner[-1] = False
+    solid = hu >= CONSOLIDATION_HU
+    candidate = (hu >= LESION_LOW_HU) & ~solid & inner & ~mo.dilate(xp, solid, rim)
+    dense = solid & (hu <= CONSOLIDATION_MAX_HU) & inner
+    core = mo.open_(xp, candidate, core_size) | mo.open_(xp, dense, dense_size)
+    opacity = mo.dilate(xp, core, grow) & (hu >= LESION_LOW_HU) & (
+        hu <= CONSOLIDATION_MAX_HU) & inner
+    return core, opacity, solid
+
+
 def quantify(volume_hu: Any, segmentation: LungSegmentation, slice_mm: float | None, *,
              slice_thickness_mm: float | None = None, missing_slices: int = 0,
              xp: ModuleType = np, series_uid: str = "") -> Quantification:
@@ -209,8 +234,6 @@ def quantify(volume_hu: Any, segmentation: LungSegmentation, slice_mm: float | N
     volume = xp.asarray(volume_hu)
     rows, cols = segmentation.shape[1], segmentation.shape[2]
     px = float(min(segmentation.pixel_mm))
-    rim, core_size, grow = _odd(RIM_MM / px), _odd(CORE_MM / px), _odd(2 * GROW_MM / px)
-    dense_size = _odd(CONSOLIDATION_CORE_MM / px)
     rr, cc = _bbox(xp, segmentation.labels, segmentation.factor, rows, cols)
     counts = np.zeros((n, _CODES), np.int64)
     hu_sums = np.zeros((n, 4), np.float64)
@@ -220,19 +243,8 @@ def quantify(volume_hu: Any, segmentation: LungSegmentation, slice_mm: float | N
         sides = segmentation.full(xp, lo, hi)[:, rr, cc]
         hu = volume[lo:hi, rr, cc]
         lung = sides > 0
-        inner = lung.copy()
-        inner[1:] &= lung[:-1]
-        inner[:-1] &= lung[1:]
-        if lo == 0:
-            inner[0] = False  # the first slice's cranial neighbour is unknown
-        if hi == n:
-            inner[-1] = False
-        solid = hu >= CONSOLIDATION_HU
-        candidate = (hu >= LESION_LOW_HU) & ~solid & inner & ~mo.dilate(xp, solid, rim)
-        dense = solid & (hu <= CONSOLIDATION_MAX_HU) & inner
-        core = mo.open_(xp, candidate, core_size) | mo.open_(xp, dense, dense_size)
-        opacity = mo.dilate(xp, core, grow) & (hu >= LESION_LOW_HU) & (
-            hu <= CONSOLIDATION_MAX_HU) & inner
+        core, opacity, solid = opacities(hu, lung, px, xp=xp, top_open=lo > 0,
+                                         bottom_open=hi < n)
         aerated = (hu >= WELL_AERATED_HU) & (hu < GROUND_GLASS_HU)
         ground_glass = opacity & (hu >= GROUND_GLASS_HU) & ~solid
         code = (sides.astype(xp.uint8)
