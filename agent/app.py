@@ -32,7 +32,7 @@ from agent.http import HealthServer, ReadinessCheck
 from agent.ingest import StorageSCP
 from agent.metrics import Metrics
 from agent.outbox import Outbox
-from agent.series import SeriesTracker
+from agent.series import RELEASED_FILE, SeriesTracker
 from agent.spool import InstanceInfo, Spool, SpoolError, StoreOutcome, spool_disk_bytes
 from schemas.errors import EngineError
 
@@ -115,7 +115,8 @@ class Agent:
                 removed = self.spool.recover()
                 pending = self.spool.pending_count()
                 self.tracker = SeriesTracker(self.spool, s.series_quiet_s, s.series_max_quiet_s,
-                                             aborted_quiet_s=s.series_aborted_quiet_s)
+                                             aborted_quiet_s=s.series_aborted_quiet_s,
+                                             released_file=s.data_dir / RELEASED_FILE)
                 self.outbox = Outbox(self.spool, self.bus, self.tracker, self.metrics,
                                      retention_s=s.spool_retention_h * SECONDS_PER_HOUR)
                 self.scp = StorageSCP(s, self.spool, on_stored=self._stored,
@@ -262,6 +263,8 @@ class Agent:
             except Exception:
                 logger.exception("closing the bus failed")
         if self.spool is not None:
+            if self.tracker is not None:  # a clean stop: say which open series were released
+                self.tracker.save_released(self.settings.data_dir / RELEASED_FILE)
             self.spool.close()
             self.spool = None
         self._started = False

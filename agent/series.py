@@ -25,7 +25,8 @@ A late instance after completion reopens the series; it completes again with
 What must survive a restart lives in the spool index (table ``series``: counts, first/last
 receive time, the generation and count of the last event sent). Which associations are open is
 kept in memory only: after a restart none is, so a series left open counts as interrupted
-(``aborted_quiet_s`` from its last receive time).
+(``aborted_quiet_s`` from its last receive time), unless the agent stopped cleanly and wrote
+it down as released (:meth:`SeriesTracker.save_released`, read back at the next start).
 
 The tracker only decides; :class:`agent.outbox.Outbox` publishes the events it returns from
 :meth:`SeriesTracker.due` and then calls :meth:`SeriesTracker.completed`.
@@ -33,23 +34,46 @@ The tracker only decides; :class:`agent.outbox.Outbox` publishes the events it r
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Literal
+from pathlib import Path
+from typing import Final, Literal
 
+from agent.durable import atomic_write
 from agent.spool import InstanceInfo, SeriesState, Spool, StoreOutcome
 from schemas.messages import SeriesEvent
 
 logger = logging.getLogger(__name__)
 
 CompletionReason = Literal["quiet_after_release", "max_quiet"]
+RELEASED_FILE: Final = "series-released.json"
+"""In ``data_dir``: the open series a clean stop found released (see the module docstring)."""
 
 
 def _dt(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
+
+
+def _read_released(path: Path | None) -> set[str]:
+    """The series a clean stop wrote down as released; the file is removed (read once)."""
+    if path is None:
+        return set()
+    try:
+        data = json.loads(path.read_bytes())
+        path.unlink()
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as exc:
+        logger.warning("%s is unreadable (%s): its series count as interrupted", path, exc)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return set()
+    return {str(uid) for uid in data} if isinstance(data, list) else set()
 
 
 class SeriesTracker:
@@ -58,7 +82,10 @@ class SeriesTracker:
 
     def __init__(self, spool: Spool, quiet_s: float, max_quiet_s: float, *,
                  aborted_quiet_s: float | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 released_file: Path | None = None) -> None:
+        """``released_file``: where a clean stop wrote the open series whose associations
+        were all released (read and removed here; absent after a crash)."""
         self.spool = spool
         self.quiet_s = quiet_s
         self.max_quiet_s = max_quiet_s
@@ -69,13 +96,29 @@ class SeriesTracker:
         self._open_assocs: dict[str, set[int]] = {}  # series -> associations still open
         self._assoc_series: dict[int, set[str]] = {}  # association -> series it sent
         self._released_at: dict[str, float] = {}  # series -> when its last assoc closed
-        self._aborted: set[str] = {state.series_uid for state in spool.open_series()}
-        """Series whose last association was aborted, or open when the agent stopped."""
+        released = _read_released(released_file)
+        self._aborted: set[str] = {state.series_uid for state in spool.open_series()
+                                   if state.series_uid not in released}
+        """Series whose last association was aborted, or open when the agent stopped (not
+        cleanly, or with an association still open)."""
         if self._aborted:
             logger.info("%d series were open when the agent stopped; each completes once "
                         "quiet for %.0f s (series_aborted_quiet_s) unless it is sent again: "
                         "%s", len(self._aborted), self.aborted_quiet_s,
                         ", ".join(sorted(self._aborted)[:10]))
+
+    def save_released(self, path: Path) -> None:
+        """At a clean stop: write down the open series whose associations were all released
+        (not aborted), so that the next start does not take them for interrupted ones."""
+        with self._lock:
+            released = sorted(state.series_uid for state in self.spool.open_series()
+                              if state.series_uid not in self._aborted
+                              and not self._open_assocs.get(state.series_uid))
+        try:
+            atomic_write(path, json.dumps(released).encode(), path.parent)
+        except OSError as exc:
+            logger.warning("could not write %s (%s): the %d open series count as interrupted "
+                           "at the next start", path, exc, len(released))
 
     # -- reports from the SCP ------------------------------------------------------------
 

@@ -3,6 +3,7 @@ re-completes with generation 2; the state survives a restart."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from pydicom.uid import generate_uid
 
 from agent.app import Agent
 from agent.bus_embedded import EmbeddedBus
-from agent.series import SeriesTracker
+from agent.series import RELEASED_FILE, SeriesTracker
 from agent.spool import InstanceInfo, Spool, StoreOutcome
 from schemas import topics
 from schemas.messages import SeriesEvent
@@ -95,25 +96,43 @@ def test_series_event_once_then_late_instance_regenerates(
 
 def test_open_series_completes_after_restart(running_agent: Callable[..., Agent],
                                              tmp_path: Path) -> None:
-    """Received before a stop, not yet complete: after the restart it counts as interrupted
-    (it may be resent), so it waits series_aborted_quiet_s, not series_quiet_s; then it
-    completes, once."""
+    """Received and released before a clean stop, not yet complete: the stop writes it down
+    as released, so after the restart it completes after series_quiet_s, once (not after
+    series_aborted_quiet_s, which is for series that may be resent)."""
     files = sorted(SAMPLE.glob("*.dcm"))[:5]
     data_dir = tmp_path / "data"
     agent = running_agent(data_dir=data_dir, series_quiet_s=30.0)
     assert run_storescu(files, agent.port, "HUST19").returncode == 0
     agent.stop()
+    assert (data_dir / RELEASED_FILE).is_file()
     bus = EmbeddedBus(data_dir / "bus")
     assert not bus.topic_exists(topics.DICOM_SERIES) or \
         bus.log(topics.DICOM_SERIES).refresh() == 0
     bus.close()
     restarted = running_agent(data_dir=data_dir, series_quiet_s=0.5,
-                              series_aborted_quiet_s=2.0)
-    assert restarted.tracker is not None
-    last = restarted.spool.open_series()[0].last_received_at if restarted.spool else 0.0
-    assert restarted.tracker.due(now=last + 1.0) == []  # past series_quiet_s: still waits
+                              series_aborted_quiet_s=600.0)
     (event,) = _series_events(restarted, 1)
     assert event.instance_count == 5 and event.generation == 1
+    assert not (data_dir / RELEASED_FILE).exists()  # read once
+
+
+def test_after_a_crash_an_open_series_counts_as_interrupted(tmp_path: Path) -> None:
+    """No clean stop wrote the series down (kill -9, power loss): it may be resent, so it
+    waits aborted_quiet_s; with the file of a clean stop it waits quiet_s only."""
+    spool = Spool(tmp_path)
+    info = _info("1.2.3.4", "1.2.3.4.1", 100.0)
+    spool.store(info, [b"x"])
+    spool.mark_published([p.id for p in spool.pending()])
+    crashed = SeriesTracker(spool, quiet_s=2.0, max_quiet_s=10.0, aborted_quiet_s=60.0)
+    assert crashed.due(now=150.0) == []
+    assert [e.reason for e in crashed.due(now=160.5)] == ["max_quiet"]
+    crashed.save_released(tmp_path / RELEASED_FILE)  # a clean stop now: it is not released
+    assert json.loads((tmp_path / RELEASED_FILE).read_text()) == []
+    (tmp_path / RELEASED_FILE).write_text(json.dumps(["1.2.3.4"]))
+    clean = SeriesTracker(spool, quiet_s=2.0, max_quiet_s=10.0, aborted_quiet_s=60.0,
+                          released_file=tmp_path / RELEASED_FILE)
+    assert [e.reason for e in clean.due(now=102.5)] == ["quiet_after_release"]
+    spool.close()
 
 
 def test_tracker_holds_an_aborted_series_until_its_resend_is_released(tmp_path: Path) -> None:
