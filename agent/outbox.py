@@ -110,6 +110,8 @@ class Outbox:
         self.pruned = 0
         self._next_prune = 0.0
         self._last_wake = 0.0
+        self.passes = 0
+        """Passes of the background thread so far (tests wait on it instead of sleeping)."""
 
     # -- one pass ------------------------------------------------------------------------
 
@@ -209,6 +211,7 @@ class Outbox:
                 self.last_error = None
             self._backoff = BACKOFF_INITIAL_S
             self._prune_due()
+            self.passes += 1
             if self._stop.is_set():
                 break
             if self._wake.wait(POLL_S) and not self._stop.is_set():

@@ -62,7 +62,8 @@ def test_retention_zero_keeps_every_file(tmp_path: Path) -> None:
         outbox.wake()
         wait_for(lambda: outbox.published == 1, "the instance published", WAIT_S)
         assert outbox.published == 1
-        time.sleep(0.5)  # many idle passes of the thread
+        seen = outbox.passes
+        wait_for(lambda: outbox.passes >= seen + 3, "three more passes of the thread", WAIT_S)
         assert outbox.pruned == 0 and len(stored_spool_files(spool)) == 1
 
 
@@ -81,7 +82,8 @@ def _stream(spool: Spool, outbox: Outbox, prefix: str, seconds: float) -> float:
 
 def test_publishing_waits_for_a_stream_to_pause(tmp_path: Path) -> None:
     with _running(tmp_path) as (spool, _bus, outbox):
-        time.sleep(0.5)  # the thread's first pass (topics, nothing pending) is over
+        wait_for(lambda: outbox.passes >= 1, "the thread's first pass (topics, nothing "
+                 "pending)", WAIT_S)
         last = _stream(spool, outbox, "7", 1.0)
         assert outbox.published == 0  # nothing published while the stream was arriving
         wait_for(lambda: spool.pending_count() == 0, "the stream published", WAIT_S)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -100,7 +101,11 @@ def test_kill_9_mid_series_loses_nothing_that_got_success(tmp_path: Path) -> Non
 @pytest.mark.kafka
 def test_bus_down_while_series_arrives_then_caught_up(
         running_agent: Callable[..., Agent], tmp_path: Path) -> None:
-    kport = free_port()
+    # the broker's port stays bound (not listening: the agent's connections are refused, as
+    # with a broker down) until the broker starts, so nothing else can take it meanwhile
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    kport = int(holder.getsockname()[1])
     url = f"kafka://127.0.0.1:{kport}"
     agent = running_agent(bus=url, series_quiet_s=0.5)
     files = sorted(SAMPLE.glob("*.dcm"))
@@ -110,12 +115,14 @@ def test_bus_down_while_series_arrives_then_caught_up(
     assert result.returncode == 0, result.stderr  # every instance answered Success
     assert agent.spool is not None and agent.spool.pending_count() == 30
     listen = f"tcp://127.0.0.1:{kport}"
+    holder.close()
     broker = subprocess.Popen([str(tansu_binary()), "broker", "--listener-url", listen,
                                "--advertised-listener-url", listen, "--storage-engine",
                                MEMORY_STORAGE], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
         wait_port(kport)
+        assert broker.poll() is None, "the broker did not start on its port"
         deadline = time.monotonic() + 90
         while agent.spool.pending_count() and time.monotonic() < deadline:
             time.sleep(0.2)

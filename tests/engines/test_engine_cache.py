@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from engines.engine_cache import (
     atomic_write_bytes,
 )
 from schemas.errors import EngineError
+from tests.fixtures.dicom import wait_for
 
 KEY = EngineKey(
     model_name="slice",
@@ -165,7 +166,16 @@ def test_build_lock_excludes_a_second_builder(tmp_path: Path) -> None:
     t.start()
     with cache.build_lock(KEY):
         inside.set()
-        time.sleep(0.2)
+        lock_file = next(cache.root.glob("*.lock"))
+        # the second builder is waiting in flock (the kernel lists it as blocked)
+        wait_for(lambda: _blocked_on(lock_file), "the second builder to wait for the lock")
         order.append("first")
     t.join(5)
     assert order == ["first", "second"]
+
+
+def _blocked_on(path: Path) -> bool:
+    """Whether /proc/locks lists a process blocked waiting for a lock on ``path``."""
+    inode = os.stat(path).st_ino
+    return any("->" in line and line.split()[6].endswith(f":{inode}")
+               for line in Path("/proc/locks").read_text().splitlines())
