@@ -190,22 +190,47 @@ def wait_for_result(agent: Agent, pacs_dir: Path | None,
     raise Hust19Error(f"no triage result{' and SR' if result else ''} within {timeout_s:.0f} s")
 
 
+def describe_quantitative(r: TriageResult) -> list[str]:
+    """The quantitative CT lines of a result (empty when the series was not measured)."""
+    q = r.quantitative_ct
+    if q is None:
+        return []
+
+    def fmt(value: float | None, unit: str) -> str:
+        return "n/a" if value is None else f"{value:.1f} {unit}" if unit == "ml" else \
+            f"{value:.2f} {unit}"
+
+    lines = [f"quantitative CT ({q.slices_with_lung} slices with lung; severity "
+             f"{q.severity or 'not measured'}):"]
+    for name, m in (("both lungs", q.lungs), ("right lung", q.right), ("left lung", q.left)):
+        if m is not None:
+            lines.append(f"  {name:10s} volume {fmt(m.volume_ml, 'ml')}, involvement "
+                         f"{fmt(m.involvement_percent, '%')} (ground glass "
+                         f"{fmt(m.ground_glass_percent, '%')}, consolidation "
+                         f"{fmt(m.consolidation_percent, '%')}), well aerated "
+                         f"{fmt(m.well_aerated_percent, '%')}")
+    lines += [f"  note: {w}" for w in q.warnings]
+    return lines
+
+
 def describe_result(r: TriageResult) -> str:
     """The triage result in readable form."""
     names = {"control": "control (not COVID-19)", "type1": "Type I (mild / regular)",
              "type2": "Type II (severe / critically ill)"}
     lines = [f"study {r.study_uid}", f"series {r.series_uid} ({r.instance_count} instances)"]
+    lines += describe_quantitative(r)
     if r.status == "skipped":
         return "\n".join([*lines, f"SKIPPED: {r.skip_reason}"])
     assert r.flag is not None and r.availability is not None
     lines.append(f"FLAG: {names[r.flag]}  [{r.threshold} threshold; general: "
                  f"{r.flag_general}, sensitive: {r.flag_sensitive}]")
-    for label, scores in (("CT", r.scores.ct), ("labs (CF)", r.scores.cf),
-                          ("fused (PLR)", r.scores.fused)):
-        if scores is not None:
-            lines.append(f"  {label:12s} control {scores.control:.3f}  type1 {scores.type1:.3f}"
-                         f"  type2 {scores.type2:.3f}")
     a = r.availability
+    for label, scores in ((f"CT ({a.ct_source or 'n/a'})", r.scores.ct),
+                          ("patient CNN", r.scores.ct_cnn), ("labs (CF)", r.scores.cf),
+                          (f"fused ({a.fusion})", r.scores.fused)):
+        if scores is not None:
+            lines.append(f"  {label:18s} control {scores.control:.3f}  type1 {scores.type1:.3f}"
+                         f"  type2 {scores.type2:.3f}")
     lines.append(f"  modalities: CT {'yes' if a.ct else 'no'}"
                  f"{' (' + a.ct_reason + ')' if a.ct_reason else ''}, labs "
                  f"{'yes' if a.cf else 'no'}{' (' + a.cf_reason + ')' if a.cf_reason else ''};"
