@@ -22,7 +22,10 @@ Policies (documented in the README, "The LIS"):
   converted. Unit spelling is compared loosely (``μmol/L`` = ``umol/l``, but ``G/L`` is not
   ``g/L``).
 * Codes the mapping does not know are left out and listed in ``unknown_codes``; values that
-  are not numbers ("negative") in ``non_numeric``.
+  are not finite numbers ("negative", NaN, inf, 1e999) in ``non_numeric``; rows with a field
+  that cannot be read (a collection time that is not a date) in ``unreadable``: one bad row
+  costs its own value, not the patient's other labs. A birth date that is not a date is
+  ignored (the ``age`` column is used, if any) and named there too.
 * AGE, GENDER, TEMP and UDIS come from the patient table (or ``patient_query``) unless the
   results carry them.
 """
@@ -30,6 +33,7 @@ Policies (documented in the README, "The LIS"):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -115,6 +119,7 @@ class LabLookup:
     source: str
     lis_patient_id: str | None = None
     non_numeric: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (datetimes as ISO 8601)."""
@@ -128,6 +133,7 @@ class LabLookup:
             "unit_mismatches": self.unit_mismatches,
             "unknown_codes": self.unknown_codes,
             "non_numeric": self.non_numeric,
+            "unreadable": self.unreadable,
         }
 
 
@@ -249,7 +255,8 @@ class LisClient:
             patient_found=found, values=result.values if found else {},
             unit_mismatches=result.mismatches, unknown_codes=sorted(result.unknown),
             undated=result.undated, window=window, source=self.mapping.source,
-            lis_patient_id=lis_id if found else None, non_numeric=result.non_numeric)
+            lis_patient_id=lis_id if found else None, non_numeric=result.non_numeric,
+            unreadable=result.unreadable)
         logger.debug("LIS lookup (%s): found=%s, %d values, %d undated, %d unit mismatches, "
                      "%d unknown codes", self.mapping.source, found, len(lookup.values),
                      lookup.undated, len(lookup.unit_mismatches), len(lookup.unknown_codes))
@@ -324,7 +331,11 @@ class LisClient:
             if code is None:
                 out.unknown.add(lis_code)
                 continue
-            collected = _to_datetime(row.get("collected_at"))
+            try:
+                collected = _to_datetime(row.get("collected_at"))
+            except LisError as exc:
+                out.unreadable.append(f"{lis_code}: {exc.message}")
+                continue
             if collected is not None and window[0] is not None and window[1] is not None \
                     and not window[0] <= collected <= window[1]:
                 continue  # a custom query that ignores :from/:to
@@ -344,7 +355,8 @@ class LisClient:
                 out.values[code] = value
                 out.undated += 1
         if patient is not None:
-            for code, value in _patient_values(patient, study_date, self._catalogue).items():
+            values = _patient_values(patient, study_date, self._catalogue, out.unreadable)
+            for code, value in values.items():
                 out.values.setdefault(code, value)
         return out
 
@@ -359,11 +371,13 @@ class LisClient:
             raw = raw if raw is not None else row.get("value")
         elif isinstance(value, int | float | Decimal):
             value = float(value)
+            if not math.isfinite(value):
+                raw, value = value, None
         if value is None and raw is not None:
             parsed = parse_value(str(raw))
             if parsed is not None:
                 qualifier, value = parsed
-        if value is None:
+        if value is None or not math.isfinite(value):
             out.non_numeric.append(f"{lis_code}: {raw!r}")
             return None
         low, high = _opt_float(row.get("reference_low")), _opt_float(row.get("reference_high"))
@@ -388,6 +402,7 @@ class _Assembly:
     mismatches: list[str] = field(default_factory=list)
     unknown: set[str] = field(default_factory=set)
     non_numeric: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
     undated: int = 0
 
 
@@ -403,9 +418,10 @@ def _opt_float(value: Any) -> float | None:
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         return None
+    return number if math.isfinite(number) else None
 
 
 def _to_datetime(value: Any) -> datetime | None:
@@ -435,8 +451,10 @@ def _to_date(value: Any) -> date | None:
 
 
 def _patient_values(patient: Mapping[str, Any], study_date: datetime | date | None,
-                    catalogue: Mapping[str, Feature]) -> dict[str, LabValue]:
-    """AGE, GENDER, TEMP and UDIS from the patient row (missing items are left out)."""
+                    catalogue: Mapping[str, Feature],
+                    unreadable: list[str] | None = None) -> dict[str, LabValue]:
+    """AGE, GENDER, TEMP and UDIS from the patient row (missing items are left out; a birth
+    date that is not a date is named in ``unreadable`` and the age column used instead)."""
     out: dict[str, LabValue] = {}
 
     def put(code: str, value: float | None, column_name: str) -> None:
@@ -444,7 +462,12 @@ def _patient_values(patient: Mapping[str, Any], study_date: datetime | date | No
             out[code] = LabValue(code=code, value=value, unit=catalogue[code].unit or None,
                                  lis_code=column_name)
 
-    birth = _to_date(patient.get("birth_date"))
+    try:
+        birth = _to_date(patient.get("birth_date"))
+    except LisError as exc:
+        birth = None
+        if unreadable is not None:
+            unreadable.append(f"birth_date: {exc.message}")
     if birth is not None:
         ref = study_date.date() if isinstance(study_date, datetime) else \
             (study_date or date.today())
