@@ -32,12 +32,13 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
 from engines import lung, preprocess
 from engines.training.provenance import training_platform
+from engines.training.series_data import LabelledSeries, site_series
 from schemas.errors import InputError
 
 if TYPE_CHECKING:
@@ -109,6 +110,54 @@ def series_sources(data: Path, series: str) -> list[SliceSource]:
                                    "dicom", LABEL_PCT if marked else LABEL_NCT, marked,
                                    f"series:{series}"))
     return out
+
+
+def site_sources(items: list[LabelledSeries]) -> list[SliceSource]:
+    """The labelled slices of a site's series (:mod:`engines.training.series_data`): a slice a
+    reader marked infected -> pCT, else nCT; a normal series (no slice labels) -> nCT; a
+    pneumonia series without slice labels gives no slice."""
+    out = []
+    for item in items:
+        files = sorted(p for p in item.folder.iterdir() if p.is_file())
+        for path in files:
+            if item.slice_labels is not None:
+                if path.name not in item.slice_labels:
+                    continue
+                marked = item.slice_labels[path.name] == 1
+            elif item.pneumonia:
+                continue
+            else:
+                marked = False
+            out.append(SliceSource(f"{item.name}/{path.name}", path, "dicom",
+                                   LABEL_PCT if marked else LABEL_NCT, marked,
+                                   f"series:{item.name}"))
+    return out
+
+
+def holdout_report(net: Hust19Cnn, images: SliceSet, out: Path,
+                   held_out: list[str]) -> dict[str, Any]:
+    """Score the held-out series' slices and write ``holdout-report.json``, ROC and confusion
+    PNGs (pCT vs rest, per held-out series and pooled)."""
+    from engines.metrics import binary_measures, multiclass_report, plot_confusion, plot_roc
+    from engines.training import common
+
+    proba = common.predict_proba(net, images.crops[:, None])
+    pct = proba[:, CLASS_INDEX[LABEL_PCT]]
+    y = images.labels == CLASS_INDEX[LABEL_PCT]
+    curves = {}
+    per_series: dict[str, Any] = {}
+    for name in held_out:
+        mask = images.groups == f"series:{name}"
+        per_series[name] = binary_measures(y[mask], pct[mask])
+        curves[f"{name} pCT vs rest"] = (y[mask], pct[mask])
+    rep = multiclass_report(images.labels, proba, list(CLASS_INDEX))
+    report = {"held_out": held_out, "slices": len(y), "pct_vs_rest": per_series,
+              "three_class": rep}
+    plot_roc(curves, out / "holdout-roc.png", "Slice CNN on held-out series: pCT vs rest")
+    plot_confusion(rep["confusion"], list(CLASS_INDEX), out / "holdout-confusion.png",
+                   "Slice CNN on held-out series (arg-max)")
+    (out / "holdout-report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
 
 
 def preprocessing_hash() -> str:
@@ -289,6 +338,14 @@ def train_slice_net(images: SliceSet, *, epochs: int, batch_size: int, seed: int
 def configure(parser: argparse.ArgumentParser) -> None:
     """Flags of ``hust19 train slice``."""
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder")
+    parser.add_argument("--series-dir", type=Path,
+                        help="a site's folder of series folders (docs/models/retraining.md)")
+    parser.add_argument("--labels", type=Path, help="the site's labels CSV: series,pneumonia")
+    parser.add_argument("--slice-labels", type=Path,
+                        help="the site's slice labels CSV: series,file,infection")
+    parser.add_argument("--holdout", nargs="*", default=[], metavar="SERIES",
+                        help="site series kept out of training and scored afterwards "
+                             "(holdout-report.json, holdout-roc.png)")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="work dir: checkpoints, cache, exported model")
@@ -332,7 +389,23 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    sources = training_sources(args.data, tuple(args.series), args.limit, args.public)
+    held: list[SliceSource] = []
+    if args.series_dir is not None or args.labels is not None:
+        if args.series_dir is None or args.labels is None:
+            raise InputError("--series-dir and --labels go together")
+        items = site_series(args.series_dir, args.labels, args.slice_labels)
+        unknown = set(args.holdout) - {i.name for i in items}
+        if unknown:
+            raise InputError(f"--holdout names series not in {args.labels}: "
+                             f"{', '.join(sorted(unknown))}")
+        sources = site_sources([i for i in items if i.name not in args.holdout])
+        held = site_sources([i for i in items if i.name in args.holdout])
+        args.series = [i.name for i in items if i.name not in args.holdout]
+        args.public = PUBLIC_NONE
+        if not sources:
+            raise InputError(f"{args.labels}: no labelled slice to train on")
+    else:
+        sources = training_sources(args.data, tuple(args.series), args.limit, args.public)
     cache = out / f"cache-{preprocessing_hash()}-{len(sources)}.npz"
     images = preprocess_sources(sources, cache, progress=not args.no_progress)
     config = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
@@ -360,10 +433,42 @@ def main(args: argparse.Namespace) -> int:
     onnx_path = out / f"{MODEL_NAME}.onnx"
     check = images.crops[:8, None]
     meta = common.export_model(net, onnx_path, meta, check)
+    report = None
+    if held:
+        held_images = preprocess_sources(held, out / f"cache-{preprocessing_hash()}-held-"
+                                         f"{len(held)}.npz", progress=not args.no_progress)
+        report = holdout_report(net, held_images, out, list(args.holdout))
+    (out / "card.md").write_text(card(meta, report))
     if args.install:
         for p in (onnx_path, onnx_path.with_suffix(".json")):
             shutil.copy2(p, MODELS_DIR / p.name)
     print(json.dumps({"model": str(onnx_path), "version": meta["version"],
                       "class_counts": images.counts(), "epochs": state.epoch,
-                      "losses": state.losses}, indent=2))
+                      "losses": state.losses,
+                      "held_out_pct_auc": None if report is None else {
+                          k: v["auc"] for k, v in report["pct_vs_rest"].items()}},
+                     indent=2))
     return 0
+
+
+def card(meta: dict[str, Any], report: dict[str, Any] | None) -> str:
+    """A model card in Markdown from the metadata and the held-out report."""
+    t = meta["training"]
+    lines = [f"# Slice CNN {meta['version']}", "",
+             f"Trained on {t['sources']}: {t['n']} slices, classes {t['class_counts']} (NiCT is "
+             "derived from the lung extraction, pCT/nCT from the readers' slice labels).",
+             f"{t['epochs']} epochs, batch {t['batch_size']}, seed {t['seed']}, final training "
+             f"loss {t['final_loss']}.", ""]
+    if report is None:
+        lines.append("No series was held out: there is no validation figure. Hold series out "
+                     "with --holdout to get one.")
+    else:
+        lines += ["## Held-out series (never trained on)", "",
+                  "| series | pCT AUC | Sn | Sp | slices |", "|---|---|---|---|---|"]
+        for name, m in report["pct_vs_rest"].items():
+            auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
+            sn = "n/a" if m["sn"] is None else f"{m['sn']:.3f}"
+            sp = "n/a" if m["sp"] is None else f"{m['sp']:.3f}"
+            lines.append(f"| {name} | {auc} | {sn} | {sp} | {m['n']} |")
+        lines += ["", "Plots: holdout-roc.png, holdout-confusion.png."]
+    return "\n".join(lines) + "\n"
