@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.dicom",
     "tests.fixtures.kafka",
     "tests.fixtures.databases",
+    "tests.fixtures.site",
 ]

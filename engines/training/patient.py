@@ -35,16 +35,18 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
 from engines.patient_model import TOP_K, select_top, stack
 from engines.training.provenance import training_platform
+from engines.training.series_data import LabelledSeries, site_series
 from engines.training.slice import (
     DEFAULT_DATA,
     MODELS_DIR,
     SliceSet,
+    SliceSource,
     preprocess_sources,
     preprocessing_hash,
     public_sources,
@@ -70,6 +72,7 @@ DRAW_MAX: Final = 25
 CONTROL_TARGET: Final = (1.0, 0.0, 0.0)
 COVID_TARGET: Final = (0.0, 0.5, 0.5)
 PUBLIC_LABELS: Final = {"pCT": "covid", "nCT": "control"}
+SITE_CLASSES: Final = ("control", "type1", "type2")
 
 
 @dataclass
@@ -82,8 +85,15 @@ class PseudoPatients:
     stacks: np.ndarray
 
     def targets(self) -> np.ndarray:
-        return np.array([COVID_TARGET if lab == "covid" else CONTROL_TARGET
-                         for lab in self.labels], np.float32)
+        """Soft targets: ``covid`` splits evenly (severity unknown); a site's ``type1`` /
+        ``type2`` patients are one-hot."""
+        rows = []
+        for lab in self.labels:
+            if lab in SITE_CLASSES:
+                rows.append(tuple(float(c == lab) for c in SITE_CLASSES))
+            else:
+                rows.append(COVID_TARGET if lab == "covid" else CONTROL_TARGET)
+        return np.array(rows, np.float32)
 
 
 def _fold_of(group: str, folds: int) -> int:
@@ -156,6 +166,82 @@ def build_pseudo_patients(data: Path, slice_model_path: Path, *, per_series: int
     return PseudoPatients(ids, labels, np.array(fold_of), np.stack(stacks))
 
 
+def site_patients(items: list[LabelledSeries], slice_model_path: Path, *, folds: int,
+                  cache_dir: Path, progress: bool = True) -> PseudoPatients:
+    """A site's patients (one series each, with its ``class``), through the run-time selection;
+    each series is its own CV group."""
+    import pydicom
+
+    from engines import series as series_order
+    from engines.slice_model import SliceModel
+
+    model = SliceModel.load(slice_model_path, "onnxruntime")
+    ids, labels, fold_of, stacks = [], [], [], []
+    for item in items:
+        if item.patient_class is None:
+            log.info("series %s has no class: not a patient for the patient CNN", item.name)
+            continue
+        files = sorted(p for p in item.folder.iterdir() if p.is_file())
+        headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        order = series_order.order_slices(headers)
+        sources = [SliceSource(f"{item.name}/{files[i].name}", files[i], "dicom", "nCT", False,
+                               f"series:{item.name}") for i in order.indices]
+        ss = preprocess_sources(sources, cache_dir / f"patient-site-{item.name}-"
+                                f"{preprocessing_hash()}-{len(sources)}.npz", progress=progress)
+        chosen = select_top(model.score(ss.crops), k=TOP_K, nict_max=model.nict_max)
+        ids.append(item.name)
+        labels.append(item.patient_class)
+        fold_of.append(_fold_of(item.name, folds))
+        stacks.append(stack(ss.crops[chosen]))
+    model.close()
+    if not stacks:
+        raise InputError("no series with a class (the labels CSV's class column): no patient "
+                         "to train on")
+    return PseudoPatients(ids, labels, np.array(fold_of), np.stack(stacks))
+
+
+def site_report(pp: PseudoPatients, oof: np.ndarray, out: Path) -> dict[str, Any]:
+    """Out-of-fold figures of a site's patients: report JSON, ROC and confusion PNGs."""
+    from engines.metrics import binary_measures, confusion_matrix, plot_confusion, plot_roc
+
+    y = np.array([SITE_CLASSES.index(lab) for lab in pp.labels])
+    per_class = {c: binary_measures(y == i, oof[:, i]) for i, c in enumerate(SITE_CLASSES)}
+    covid = binary_measures(y > 0, oof[:, 1] + oof[:, 2])
+    confusion = confusion_matrix(y, oof.argmax(axis=1), len(SITE_CLASSES))
+    report = {"patients": len(y), "class_counts": {c: int((y == i).sum())
+                                                   for i, c in enumerate(SITE_CLASSES)},
+              "per_class": per_class, "covid_vs_control": covid, "confusion": confusion,
+              "protocol": "out-of-fold: each series scored by a model trained without it"}
+    plot_roc({c: (y == i, oof[:, i]) for i, c in enumerate(SITE_CLASSES)
+              if 0 < int((y == i).sum()) < len(y)}, out / "oof-roc.png",
+             "Patient CNN, out-of-fold")
+    plot_confusion(confusion, SITE_CLASSES, out / "oof-confusion.png",
+                   "Patient CNN, out-of-fold (arg-max)")
+    (out / "oof-report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def card(meta: dict[str, Any], report: dict[str, Any] | None) -> str:
+    """A model card in Markdown from the metadata and the out-of-fold report."""
+    t = meta["training"]
+    lines = [f"# Patient CNN {meta['version']}", "",
+             f"Trained on {t['source']}: {t['pseudo_patients']} (patients or pseudo-patients), "
+             f"{t['epochs']} epochs, seed {t['seed']}. Slice selection by the slice model "
+             f"{meta['slice_model']['version']}.", ""]
+    if report is None:
+        lines.append("No out-of-fold evaluation (--folds 0, or too few series).")
+    else:
+        lines += ["## Out-of-fold (each series scored by a model that never saw it)", "",
+                  "| class | AUC | Sn | Sp |", "|---|---|---|---|"]
+        for name, m in [*report["per_class"].items(),
+                        ("COVID-19 vs control", report["covid_vs_control"])]:
+            cells = ["n/a" if m[k] is None else f"{m[k]:.3f}" for k in ("auc", "sn", "sp")]
+            lines.append(f"| {name} | {' | '.join(cells)} |")
+        lines += ["", f"Confusion (rows true control/type1/type2, columns predicted): "
+                  f"{report['confusion']}. Plots: oof-roc.png, oof-confusion.png."]
+    return "\n".join(lines) + "\n"
+
+
 def _train(pp: PseudoPatients, idx: np.ndarray, *, epochs: int, batch_size: int, seed: int,
            out: Path | None, resume: bool, progress: bool,
            config: dict[str, object]) -> tuple[Hust19Cnn, TrainState]:
@@ -181,6 +267,11 @@ def _train(pp: PseudoPatients, idx: np.ndarray, *, epochs: int, batch_size: int,
 def configure(parser: argparse.ArgumentParser) -> None:
     """Flags of ``hust19 train patient``."""
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder")
+    parser.add_argument("--series-dir", type=Path,
+                        help="a site's folder of series folders: each series with a class in "
+                             "--labels is one patient (docs/models/retraining.md)")
+    parser.add_argument("--labels", type=Path,
+                        help="the site's labels CSV: series,pneumonia,class")
     parser.add_argument("--slice-model", type=Path, default=MODELS_DIR / "slice.onnx",
                         help="ONNX slice model used for the selection (default: shipped)")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
@@ -214,11 +305,20 @@ def main(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     folds = max(args.folds, 1)
-    pp = build_pseudo_patients(args.data, args.slice_model, per_series=args.per_series,
-                               per_public_class=args.per_public_class, folds=folds,
-                               seed=args.seed, cache_dir=out, progress=not args.no_progress,
-                               limit=args.limit)
-    counts = {lab: pp.labels.count(lab) for lab in ("control", "covid")}
+    site = args.series_dir is not None or args.labels is not None
+    if site:
+        if args.series_dir is None or args.labels is None:
+            raise InputError("--series-dir and --labels go together")
+        pp = site_patients(site_series(args.series_dir, args.labels), args.slice_model,
+                           folds=folds, cache_dir=out, progress=not args.no_progress)
+        source = f"site series in {args.series_dir}"
+    else:
+        pp = build_pseudo_patients(args.data, args.slice_model, per_series=args.per_series,
+                                   per_public_class=args.per_public_class, folds=folds,
+                                   seed=args.seed, cache_dir=out,
+                                   progress=not args.no_progress, limit=args.limit)
+        source = "pseudo-patients of the shared data"
+    counts = {lab: pp.labels.count(lab) for lab in sorted(set(pp.labels))}
     log.info("pseudo-patients: %s", counts)
     config: dict[str, object] = {"epochs": args.epochs, "batch_size": args.batch_size,
                                  "seed": args.seed, "lr": networks.PATIENT_LR,
@@ -238,13 +338,14 @@ def main(args: argparse.Namespace) -> int:
         "selection": {"nict_max": 0.5, "top_k": TOP_K, "order": "slice order (cranio-caudal)",
                       "padding": "blank slices appended when fewer than 10 are usable"},
         "slice_model": {"version": slice_meta.get("version"), "sha256": slice_meta["sha256"]},
-        "training": {"pseudo_patients": counts, "epochs": state.epoch,
+        "training": {"source": source, "pseudo_patients": counts, "epochs": state.epoch,
                      "final_loss": state.losses[-1] if state.losses else None,
                      "platform": training_platform(), **config},
     }
     onnx_path = out / f"{MODEL_NAME}.onnx"
     meta = common.export_model(net, onnx_path, meta, pp.stacks[:4])
     oof_path = out / OOF_CSV
+    report: dict[str, Any] | None = None
     if args.folds > 1:
         oof = np.zeros((len(pp.ids), 3), np.float32)
         for f in range(folds):
@@ -262,6 +363,9 @@ def main(args: argparse.Namespace) -> int:
             for i, pid in enumerate(pp.ids):
                 w.writerow([pid, pp.labels[i], *(f"{v:.6f}" for v in oof[i]),
                             int(pp.folds[i])])
+        if site:
+            report = site_report(pp, oof, out)
+    (out / "card.md").write_text(card(meta, report))
     if args.install:
         for p in (onnx_path, onnx_path.with_suffix(".json"), oof_path):
             if p.is_file():

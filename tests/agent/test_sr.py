@@ -263,7 +263,8 @@ def test_quantitative_ct_is_in_the_sr_as_numbers_with_ucum_units(
            '="3.453" (%,UCUM,"percent")' in dump
     assert '(118565006,SCT,"Volume")="4003.153" (mL,UCUM,"milliliter")' in dump
     assert '="7.303" (%,UCUM,"percent")' in dump  # the left lung's involvement
-    assert '(112031,DCM,"Attenuation Coefficient")="-813.0" ([hnsf\'U],UCUM,"Hounsfield unit")' in dump
+    assert ('(112031,DCM,"Attenuation Coefficient")="-813.0" '
+            '([hnsf\'U],UCUM,"Hounsfield unit")') in dump
     assert '(CT-SEVERITY,99HUST19,"CT severity category")=(CT-1,99HUST19,' in dump
     assert '(3341006,SCT,"Right lung")' in dump and '(44029006,SCT,"Left lung")' in dump
     assert dump.count('(118565006,SCT,"Volume")') == 2, "no volume where the series gave none"

@@ -22,6 +22,7 @@ from engines.networks import PATIENT_CLASSES
 from engines.slice_model import MODELS_DIR
 from engines.training import common
 from engines.training.patient import OOF_CSV, SERIES_LABELS
+from tests.fixtures.site import Site
 
 PER_SERIES = 2
 PER_PUBLIC_CLASS = 3
@@ -111,3 +112,25 @@ def test_training_twice_on_one_machine_gives_the_same_model(shared_data: Path,
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "patient.onnx").read_bytes() == first_run.onnx
     assert (tmp_path / OOF_CSV).read_text() == first_run.oof
+
+
+def test_site_patients_train_with_out_of_fold_report_and_card(tiny_site: Site,
+                                                              tmp_path: Path) -> None:
+    """Each site series with a class is one patient; the out-of-fold report, its plots and
+    the card are written; the out-of-fold CSV is what ``train fusion --paired`` pairs with."""
+    out = tmp_path / "site-patient"
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "train", "patient",
+                           "--series-dir", str(tiny_site.series_dir), "--labels",
+                           str(tiny_site.labels), "--epochs", "1", "--folds", "2",
+                           "--out", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "oof-report.json").read_text())
+    assert report["patients"] == 3
+    assert report["class_counts"] == {"control": 2, "type1": 1, "type2": 0}
+    assert "Out-of-fold" in (out / "card.md").read_text()
+    for png in ("oof-roc.png", "oof-confusion.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG")
+    with (out / "patient_scores_oof.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["pseudo_patient_id"] for r in rows} == {"P002", "cap002", "normal001"}
