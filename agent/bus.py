@@ -112,6 +112,13 @@ class Bus(ABC):
     def describe(self) -> str:
         """One line for the startup log: which bus, where, with what guarantees."""
 
+    def recent(self, topic: str, count: int) -> list[Message]:
+        """Up to ``count`` of the newest messages of each partition of ``topic``: what a
+        producer that stopped between its flush and its own bookkeeping may have written
+        (the outbox checks it at start, so that it does not publish those again). ``[]``
+        where the bus cannot tell; then delivery stays at-least-once."""
+        return []
+
     def close(self) -> None:
         """Release shared resources."""
 

@@ -742,6 +742,20 @@ class EmbeddedBus(Bus):
                 f"has read them; point --bus at Kafka to scale out)")
 
     # -- retention ---------------------------------------------------------------------------
+    def recent(self, topic: str, count: int) -> list[Message]:
+        """The newest ``count`` records of ``topic`` (it has one partition)."""
+        if count <= 0 or not self.topic_exists(topic):
+            return []
+        log = self.log(topic)
+        end = log.refresh()
+        out = []
+        for offset in range(max(log.earliest(), end - count), end):
+            try:
+                out.append(log.read(offset))
+            except _SegmentGone:  # deleted by retention meanwhile
+                continue
+        return out
+
     def committed_offsets(self, topic: str) -> dict[str, int]:
         """``group -> committed next offset`` of every group that has committed on ``topic``
         (an unreadable offset file counts as offset 0: it keeps everything)."""

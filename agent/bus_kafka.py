@@ -47,6 +47,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
 
@@ -76,6 +77,8 @@ BROKER_DEFAULT: Final = -1
 """``replication_factor`` / ``num_partitions`` value meaning "the broker's default"."""
 
 CLOSE_TIMEOUT_S: Final = 10.0
+RECENT_TIMEOUT_S: Final = 10.0
+"""How long :meth:`KafkaBus.recent` reads at most."""
 """How long closing a producer waits for its pending messages to be acknowledged."""
 
 COMPRESSIONS: Final = ("none", "gzip", "snappy", "lz4", "zstd")
@@ -280,6 +283,33 @@ class KafkaBus(Bus):
                 if isinstance(exc.__cause__, TopicAlreadyExistsError):
                     continue
                 raise
+
+    def recent(self, topic: str, count: int) -> list[Message]:
+        """The newest ``count`` records of each partition of ``topic`` (a consumer without
+        group, seeking back from the log ends); ``[]`` if the topic does not exist."""
+        if count <= 0 or not self.topic_exists(topic):
+            return []
+        with _translate(f"cannot read the newest records of {topic}"):
+            consumer = KafkaConsumer(**self.consumer_config(None))
+            try:
+                parts = [TopicPartition(topic, p) for p in self._partitions(topic)]
+                consumer.assign(parts)
+                ends = consumer.end_offsets(parts)
+                starts = consumer.beginning_offsets(parts)
+                for tp in parts:
+                    consumer.seek(tp, max(starts[tp], ends[tp] - count))
+                out: list[Message] = []
+                deadline = time.monotonic() + RECENT_TIMEOUT_S
+                while any(consumer.position(tp) < ends[tp] for tp in parts) \
+                        and time.monotonic() < deadline:
+                    for tp, records in consumer.poll(timeout_ms=500).items():
+                        out += [Message(tp.topic, tp.partition, r.offset, r.key,
+                                        r.value or b"", [(k, bytes(v or b""))
+                                                         for k, v in (r.headers or [])],
+                                        int(r.timestamp)) for r in records]
+                return out
+            finally:
+                consumer.close(autocommit=False)
 
     def ping(self, timeout_s: float = 5.0) -> None:
         """A metadata request to the brokers; ``BusError`` if none answers."""

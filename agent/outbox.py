@@ -4,8 +4,13 @@ The spool index is the queue: rows with ``published_at IS NULL`` in arrival orde
 background thread takes a batch, sends each instance to ``dicom.instances`` (key =
 SeriesInstanceUID, value = the Part-10 file bytes as spooled, headers = schema version and
 UIDs), calls ``producer.flush()`` and only when that returned marks the batch published. A crash
-between flush and mark means the batch is sent again after restart: at-least-once, and a
-duplicate is harmless downstream (the SOP Instance UID is in the headers).
+between flush and mark would send the batch again after restart; so at its first pass the
+outbox reads the newest records of ``dicom.instances`` and ``dicom.series``
+(:meth:`agent.bus.Bus.recent`, :data:`RECONCILE_RECORDS` per partition) and marks what it finds
+there as published instead of sending it twice (issue 20: a kill -9 between flush and mark put
+a batch of 31 instances on the bus twice). Where the bus cannot tell, delivery stays
+at-least-once, and a duplicate is harmless downstream (the SOP Instance UID is in the
+headers).
 
 While a stream of instances is arriving the outbox waits for it to pause (at most
 ``YIELD_MAX_S``), so that its bus writes do not compete with the listener's fsyncs.
@@ -54,6 +59,9 @@ quiet time, so a series' instances are on the bus before its completion event is
 BACKOFF_INITIAL_S: Final = 0.5
 BACKOFF_MAX_S: Final = 30.0
 FLUSH_TIMEOUT_S: Final = 60.0
+RECONCILE_RECORDS: Final = 2 * BATCH_MAX
+"""How many of the newest records per partition the first pass checks (the batch a crash
+can leave flushed but unmarked is the last one sent)."""
 PRUNE_EVERY_S: Final = 60.0
 """How often the outbox deletes spool files older than the retention (more often when the
 retention itself is shorter; a full batch deleted: again at the next pass)."""
@@ -112,6 +120,9 @@ class Outbox:
         self._last_wake = 0.0
         self.passes = 0
         """Passes of the background thread so far (tests wait on it instead of sleeping)."""
+        self._reconciled = False
+        self._on_bus_series: set[tuple[str, int]] = set()
+        """(series, generation) of the completion events found on the bus at the start."""
 
     # -- one pass ------------------------------------------------------------------------
 
@@ -133,6 +144,9 @@ class Outbox:
         if not self._topics_ready:
             self.bus.ensure_topics([topics.DICOM_INSTANCES, topics.DICOM_SERIES])
             self._topics_ready = True
+        if not self._reconciled:
+            self._reconcile()
+            self._reconciled = True
         total = 0
         while True:
             batch = self.spool.pending(BATCH_MAX, BATCH_MAX_BYTES)
@@ -141,6 +155,25 @@ class Outbox:
             total += self._publish_batch(batch)
         self._publish_series()
         return total
+
+    def _reconcile(self) -> None:
+        """Mark as published what a previous run flushed to the bus but did not mark (it
+        stopped in between), so that it is not published twice."""
+        on_bus = {m.header(topics.H_SOP_INSTANCE_UID)
+                  for m in self.bus.recent(topics.DICOM_INSTANCES, RECONCILE_RECORDS)}
+        pending = self.spool.pending(RECONCILE_RECORDS, BATCH_MAX_BYTES * 2)
+        found = [i for i in pending if i.sop_instance_uid in on_bus]
+        if found:
+            self.spool.mark_published([i.id for i in found])
+            logger.warning("outbox: %d instances were on the bus already (flushed before the "
+                           "last stop, not marked): marked, not published again (series %s)",
+                           len(found), ", ".join(sorted({i.series_uid for i in found})))
+        for m in self.bus.recent(topics.DICOM_SERIES, RECONCILE_RECORDS):
+            try:
+                event = SeriesEvent.model_validate_json(m.value)
+            except ValueError:
+                continue
+            self._on_bus_series.add((event.series_uid, event.generation))
 
     def _publish_batch(self, batch: list[SpooledInstance]) -> int:
         producer = self._get_producer()
@@ -168,6 +201,13 @@ class Outbox:
         if self.tracker is None:
             return
         events = self.tracker.due()
+        for event in [e for e in events if (e.series_uid, e.generation) in self._on_bus_series]:
+            logger.warning("outbox: the completion event of series %s (generation %d) was on "
+                           "the bus already (flushed before the last stop): not sent again",
+                           event.series_uid, event.generation)
+            self.tracker.completed(event)
+            self._on_bus_series.discard((event.series_uid, event.generation))
+            events.remove(event)
         if not events:
             return
         producer = self._get_producer()

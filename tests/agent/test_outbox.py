@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.bus import Bus, open_bus
 from agent.outbox import YIELD_MAX_S, Outbox
 from agent.spool import RECEIVING_GAP_S, InstanceInfo, Spool
@@ -96,3 +98,44 @@ def test_a_long_stream_is_published_while_it_arrives(tmp_path: Path) -> None:
         _stream(spool, outbox, "6", YIELD_MAX_S + 1.5)
         # the stream never paused, yet the outbox published after at most YIELD_MAX_S
         assert outbox.published > 0
+
+
+@pytest.mark.parametrize("bus_kind", ["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
+def test_a_batch_flushed_but_not_marked_is_not_published_twice(
+        tmp_path: Path, bus_kind: str, request: pytest.FixtureRequest) -> None:
+    """What a kill -9 between the outbox's flush and its mark leaves (issue 20: 31 instances
+    twice on the bus): the next outbox finds them among the bus's newest records and marks
+    them instead of sending them again; the rest is published once."""
+    from agent.outbox import instance_headers
+
+    spool = Spool(tmp_path / "data")
+    if bus_kind == "embedded":
+        bus: Bus = open_bus("embedded", tmp_path / "bus")
+    else:
+        from agent.bus_kafka import KafkaBus
+        from tests.fixtures.kafka import kafka_test_overrides
+
+        url = str(request.getfixturevalue("fresh_kafka_broker"))
+        bus = KafkaBus([url.removeprefix("kafka://")], **kafka_test_overrides())
+    try:
+        for i in range(5):
+            spool.store(_info(f"5.{i}"), [f"instance {i}".encode()])
+        bus.ensure_topics([topics.DICOM_INSTANCES, topics.DICOM_SERIES])
+        producer = bus.producer()
+        for instance in spool.pending(3):  # the "previous run": flushed, then killed
+            producer.send(topics.DICOM_INSTANCES, instance.series_uid.encode(),
+                          spool.read(instance), instance_headers(instance))
+        producer.flush()
+        producer.close()
+        outbox = Outbox(spool, bus)
+        assert outbox.publish_pending() == 2  # only the two never sent
+        assert spool.pending_count() == 0
+        from tests.fixtures.faults import read_all
+
+        sops = [m.header(topics.H_SOP_INSTANCE_UID)
+                for m in read_all(bus, topics.DICOM_INSTANCES)]
+        assert sorted(sops) == [f"5.{i}" for i in range(5)]  # each once
+        outbox.stop()
+    finally:
+        bus.close()
+        spool.close()
