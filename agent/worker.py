@@ -74,6 +74,7 @@ from schemas.messages import (
     DeadLetter,
     EvidenceSlice,
     EvidenceThumbnails,
+    LabResult,
     ModalityScores,
     QuantitativeCt,
     SeriesEvent,
@@ -191,9 +192,9 @@ def _study_date(ds: pydicom.Dataset) -> date | None:
 
 
 CONTENT_EXCLUDED: Final = frozenset({"result_id", "revision", "sr_sop_instance_uid",
-                                      "supersedes_sr_sop_instance_uid", "timings",
-                                      "generation"})
-"""What does not decide a result's content: ids, revision, clock times."""
+                                      "supersedes_sr_sop_instance_uid", "sr_destinations",
+                                      "timings", "generation"})
+"""What does not decide a result's content: ids, revision, clock times, where the SR goes."""
 
 
 def content_digest(result: TriageResult) -> str:
@@ -523,6 +524,10 @@ class TriageWorker:
         header = st.header
         base = {"result_id": result_id(ev.series_uid),
                 "study_uid": ev.study_uid, "series_uid": ev.series_uid,
+                "patient_name": (str(header.get("PatientName", "") or "") or None)
+                if header is not None else None,
+                "study_date": (str(header.get("StudyDate", "") or "") or None)
+                if header is not None else None,
                 "patient_id": (str(header.get("PatientID", "")) if header is not None else None)
                 or ev.patient_id,
                 "accession_number": (str(header.get("AccessionNumber", ""))
@@ -552,7 +557,7 @@ class TriageWorker:
         quantitative = None
         if ct.analysis is not None and ct.analysis.quant.lungs is not None:
             quantitative = QuantitativeCt.model_validate(ct.analysis.summary())
-        cf_proba, cf_reason = self._cf_scores(header, lookup)
+        cf_proba, cf_reason, lab_values = self._cf_scores(header, lookup)
         try:
             decision = decide(ct.proba, cf_proba, self.settings.threshold, self.models.fusion)
         except InputError:
@@ -574,7 +579,7 @@ class TriageWorker:
             flag_sensitive=decision.flag_sensitive, threshold=decision.threshold,
             scores=ModalityScores(ct=_scores(ct.proba), ct_cnn=_scores(ct.cnn_proba),
                                   cf=_scores(cf_proba), fused=_scores(fused)),
-            availability=availability, quantitative_ct=quantitative,
+            availability=availability, quantitative_ct=quantitative, lab_values=lab_values,
             top_slices=list(ct.top_uids),
             timings=Timings(result_ready=now, **timings), **base), with_sr=True)
         result = self._write_sr(result, header, ct)
@@ -611,29 +616,30 @@ class TriageWorker:
             "supersedes_sr_sop_instance_uid": None if rev.previous is None else rev.previous[1],
             "timings": result.timings.model_copy(update={"result_ready": rev.ready_at})})
 
-    def _cf_scores(self, header: pydicom.Dataset,
-                   lookup: LabLookup | None) -> tuple[np.ndarray | None, str | None]:
-        """CF scores of the patient, or None with the reason (CT-only triage then)."""
+    def _cf_scores(self, header: pydicom.Dataset, lookup: LabLookup | None
+                   ) -> tuple[np.ndarray | None, str | None, list[LabResult]]:
+        """CF scores of the patient and the values they came from, or None with the reason
+        (CT-only triage then)."""
         patient_id = str(header.get("PatientID", "") or "")
         if not patient_id:
-            return None, "no PatientID in the series: labs cannot be looked up"
+            return None, "no PatientID in the series: labs cannot be looked up", []
         if lookup is None:
             if self.lis is None:
-                return None, "no LIS configured"
+                return None, "no LIS configured", []
             try:
                 lookup = self.lis.lookup(patient_id, _study_date(header))
             except LisError as exc:
                 log.warning("study %s: LIS lookup failed, triage is CT-only: %s",
                             header.get("StudyInstanceUID", ""), exc.message)
-                return None, f"LIS unreachable: {exc.message}"
+                return None, f"LIS unreachable: {exc.message}", []
         if not lookup.patient_found:
-            return None, "patient not found in the LIS"
+            return None, "patient not found in the LIS", []
         from schemas.features import by_code
 
         catalogue = by_code()
         labs = [c for c in lookup.values if c in catalogue and catalogue[c].kind in LAB_KINDS]
         if not labs:
-            return None, "no lab values for the patient in the window"
+            return None, "no lab values for the patient in the window", []
         vector = vectorise(lookup.values)
         proba = self.models.cf.predict(vector[None, :])[0]
         note = []
@@ -642,7 +648,11 @@ class TriageWorker:
                         "(not time-matched to the study)")
         if lookup.unit_mismatches:
             note.append(f"unit mismatches not used: {', '.join(lookup.unit_mismatches)}")
-        return np.asarray(proba), ("; ".join(note) or None)
+        used = [LabResult(code=v.code, value=v.value, unit=v.unit, qualifier=v.qualifier,
+                          low=v.low, high=v.high, lis_code=v.lis_code,
+                          collected_at=v.collected_at)
+                for _, v in sorted(lookup.values.items())]
+        return np.asarray(proba), ("; ".join(note) or None), used
 
     def _write_sr(self, result: TriageResult, header: pydicom.Dataset,
                   ct: CtResult) -> TriageResult:
@@ -660,7 +670,8 @@ class TriageWorker:
                           device_name=self.settings.ae_title, predecessor=predecessor)
             self.pacs.enqueue(ds)
             self.metrics.outbox_depth.set(self.pacs.pending_count())
-            return result
+            return result.model_copy(update={"sr_destinations": [
+                f"{d.ae_title}@{d.host}:{d.port}" for d in self.settings.pacs]})
         except InputError as exc:
             log.error("series %s: no SR written: %s", result.series_uid, exc.message)
             self._send_dlq(DeadLetter(

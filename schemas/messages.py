@@ -155,6 +155,19 @@ class QuantitativeCt(_Message):
     warnings: list[str] = Field(default_factory=list)
 
 
+class LabResult(_Message):
+    """One lab value that went into the clinical-feature model, as the LIS gave it."""
+
+    code: str = Field(description="catalogue code (schemas/clinical_features.json)")
+    value: float | None = None
+    unit: str | None = None
+    qualifier: str = Field("", description="'<' or '>' for a censored result, else empty")
+    low: float | None = Field(None, description="reference range printed with the result")
+    high: float | None = None
+    lis_code: str | None = None
+    collected_at: str | None = None
+
+
 class Timings(_Message):
     """When things happened, as UTC timestamps."""
 
@@ -202,7 +215,8 @@ class TriageResult(_Message):
     new one replaces at the PACS.
 
     Version 2 adds ``result_id``, ``revision``, ``supersedes_sr_sop_instance_uid``,
-    ``quantitative_ct``, ``scores.ct_cnn``, ``availability.ct_source`` and the fusion ``rule``.
+    ``quantitative_ct``, ``scores.ct_cnn``, ``availability.ct_source``, the fusion ``rule``,
+    ``patient_name``, ``study_date``, ``lab_values`` and ``sr_destinations``.
     """
 
     schema_: Literal["hust19.triage.result/2"] = Field(RESULT_SCHEMA, alias="schema")
@@ -213,6 +227,9 @@ class TriageResult(_Message):
     study_uid: str
     series_uid: str
     patient_id: str | None = None
+    patient_name: str | None = None
+    study_date: str | None = Field(None, description="Study Date as the images give it "
+                                   "(YYYYMMDD)")
     accession_number: str | None = None
     flag: Flag | None = None
     flag_general: Flag | None = None
@@ -221,11 +238,15 @@ class TriageResult(_Message):
     scores: ModalityScores = ModalityScores()
     availability: Availability | None = None
     quantitative_ct: QuantitativeCt | None = None
+    lab_values: list[LabResult] = Field(default_factory=list, description="the lab values "
+                                        "that went into the clinical-feature model")
     instance_count: int = 0
     top_slices: list[str] = Field(default_factory=list, description="SOP Instance UIDs of the "
                                   "top-10 evidence slices, in slice order")
     sr_sop_instance_uid: str | None = None
     supersedes_sr_sop_instance_uid: str | None = None
+    sr_destinations: list[str] = Field(default_factory=list, description="the PACS the SR was "
+                                       "queued for, AET@HOST:PORT")
     model_versions: dict[str, str] = Field(default_factory=dict)
     timings: Timings
     generation: int = 1

@@ -127,6 +127,12 @@ def test_series_to_sr_at_pacs_on_embedded_bus_with_sqlite_lis(
     assert quant.lungs.volume_ml is not None and 3000 < quant.lungs.volume_ml < 4000
     assert quant.lungs.involvement_percent is not None and quant.lungs.involvement_percent < 0.5
     assert set(result.model_versions) == {"slice", "patient", "cf", "fusion", "evidence"}
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert result.patient_name == (str(header.get("PatientName", "")) or None)
+    assert result.study_date == header.StudyDate and len(result.study_date) == 8
+    assert result.sr_destinations == [f"PACS@127.0.0.1:{pacs_port}"]
+    codes = {v.code for v in result.lab_values}
+    assert len(codes) == len(result.lab_values) > 10 and {"AGE", "ALB"} <= codes
     t = result.timings
     assert t.first_instance_received and t.last_instance_received and t.series_complete
     assert t.first_instance_received <= t.last_instance_received <= t.series_complete \
