@@ -12,10 +12,10 @@ severe and critical categories.
 - ``P(pneumonia)`` rises smoothly (logistic in log10 of the involvement, width
   :data:`PNEUMONIA_WIDTH_DECADES`) through :data:`PNEUMONIA_MIN_PERCENT`: the measured
   involvement that separates "no signs" from CT-1. Vessels and surfaces are suppressed, so a
-  normal lung measures near 0 % (0.09 % on normal001) but not exactly 0; the cut is set
-  between that and the least involved pneumonia series here (cap002, 0.98 %), at their
-  geometric mean. It is the one number of the rule fitted on the dev series (three of them);
-  the kept-back series test it.
+  normal lung measures near 0 % (0.14 % on normal001) but not exactly 0; the cut lies
+  between that and the least involved pneumonia series here (cap002, 0.98 %), near their
+  geometric mean (0.37 %). It is the one number of the rule fitted on the dev series (three
+  of them); the kept-back series test it.
 - ``P(severe | pneumonia)`` rises through :data:`SEVERE_PERCENT` (CT-3 and more) with width
   :data:`SEVERE_WIDTH_PERCENT` percentage points.
 - Classes: ``control = 1 - P(pneumonia)``, ``type1 = P(pneumonia) (1 - P(severe))``,
@@ -40,7 +40,7 @@ Severity = Literal["CT-0", "CT-1", "CT-2", "CT-3", "CT-4"]
 
 PNEUMONIA_MIN_PERCENT: Final = 0.3
 PNEUMONIA_WIDTH_DECADES: Final = 0.15
-"""At half a decade from the cut (0.09 % or 0.98 %) P(pneumonia) is 0.03 or 0.97."""
+"""Half a decade from the cut (0.095 % or 0.95 %) P(pneumonia) is 0.03 or 0.97."""
 SEVERE_PERCENT: Final = 50.0
 SEVERE_WIDTH_PERCENT: Final = 5.0
 CATEGORY_BOUNDS: Final = (25.0, 50.0, 75.0)

@@ -14,8 +14,8 @@ bounded whatever the series length.
   chest CT to predict adverse outcome in COVID-19 pneumonia", Radiology 296, E86-E96 (2020);
 - -700..-300 **ground glass**: from Colombi's upper bound to -300 HU, the split between ground
   glass and consolidation that separated COVID-19 pneumonia best among eight thresholds in
-  Zhang Y. et al., "Quantitative CT for detecting COVID-19 pneumonia in suspected cases",
-  BMC Infect. Dis. 21, 836 (2021);
+  "Quantitative CT for detecting COVID-19 pneumonia in suspected cases", BMC Infect. Dis.
+  (2021), doi:10.1186/s12879-021-06556-z;
 - -300..+100 **consolidation**: to the upper bound of non-aerated lung of Gattinoni L. et al.,
   "Lung recruitment in patients with the acute respiratory distress syndrome", N. Engl. J. Med.
   354, 1775-1786 (2006).
