@@ -206,3 +206,57 @@ def test_a_slow_pacs_gets_the_sr_once(tmp_path: Path, shared_data: Path) -> None
     srs = sr_census(pacs_dir)
     assert len(srs) == 1 and all(len(c) == 1 for c in srs.values())
     assert sum(1 for p in pacs_dir.iterdir() if p.name.startswith("SR")) == 1
+
+
+WAITS_ON_ONE_RESULT = (
+    "waits on the lead's part of issue 20 (agent/worker.py: no duplicate result on a worker "
+    "crash, one current SR per series): measured 2026-12-06 with a kill right after the SR "
+    "was queued, the same result (result_id, revision 1) was twice on triage.results")
+
+
+@pytest.mark.parametrize("after_ms", [pytest.param(0, marks=pytest.mark.skip(
+    reason=WAITS_ON_ONE_RESULT)), 150])
+def test_kill9_of_the_worker_once_its_sr_is_queued_gives_one_sr_and_one_result(
+        after_ms: int, tmp_path: Path, shared_data: Path, pacs: tuple[int, Path]) -> None:
+    """SIGKILL of the worker ``after_ms`` after it queued the series' SR (before or after its
+    result went out and its offsets were committed), then a new worker: exactly one current
+    SR per series at the PACS (0 byte-different copies of one UID: issue 20 measured 2
+    arrivals with different times) and one result per series (per result_id/revision)."""
+    pacs_port, pacs_dir = pacs
+    data, port = tmp_path / "data", free_port()
+    lis = demo_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data)
+    common = ["--data-dir", str(data), "--lis", lis, "--pacs", f"127.0.0.1:{pacs_port}:PACS",
+              "--series-quiet-s", "1"]
+    files = copy_series(tmp_path / "series")
+    with processes() as running:
+        running.append(AgentProcess("ingest", [*common, "--port", str(port), "--host",
+                                               "127.0.0.1"], tmp_path).start())
+        worker = AgentProcess("worker", common, tmp_path)
+        running.append(worker.start())
+        assert send_series(files, port).acknowledged == {sop_uid(f) for f in files}
+        worker.wait_log(b"queued for 1 PACS destination", RESULT_WAIT_S)
+        time.sleep(after_ms / 1000)  # the kill point (the fault), not a wait for something
+        worker.kill9()
+        worker.start()
+        _wait(lambda: _all_work_done(data), "the worker to finish (offsets at the end, the SR "
+              "delivered)")
+        for p in reversed(running):
+            p.stop()
+    _checks("embedded", data, pacs_dir, [files], {sop_uid(f) for f in files})
+
+
+def _all_work_done(data: Path) -> bool:
+    """The worker group committed both topics to their ends (offsets only after durable
+    work) and the SR outbox has nothing pending: nothing is left to redo or to send."""
+    from agent.bus_embedded import EmbeddedBus
+    from schemas import topics
+
+    pending = list((data / "sr-outbox" / "pending").rglob("*.json"))
+    bus = EmbeddedBus(data / "bus")
+    try:
+        done = all(bus.topic_exists(t) and bus.log(t).count() > 0
+                   and bus.committed_offsets(t).get("hust19-worker") == bus.log(t).count()
+                   for t in (topics.DICOM_INSTANCES, topics.DICOM_SERIES))
+    finally:
+        bus.close()
+    return done and not pending
