@@ -65,7 +65,9 @@ def test_shipped_model_ranks_the_held_out_series_infected_slices_first(
         chest_series: Path) -> None:
     """cap002 was never trained on: the radiologists' infected slices must get the higher pCT
     scores (AUC >= 0.85; the model card measured 0.924) and no uninfected slice may reach the
-    0.5 cut (measured: none). Guards against installing an uninformative retraining."""
+    0.5 cut (measured: none). A regression check, not a gate: cap002 chose the recipe, and the
+    kept-back series measured 0.420 (docs/models/slice.md). Guards against installing an
+    uninformative retraining."""
     import csv
 
     from engines import metrics
