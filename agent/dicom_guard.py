@@ -6,9 +6,13 @@ handshake is over. Everything a peer can make the listener do before that is bou
 
 * **Connections** (:class:`ConnectionGuard`): at most ``max_associations`` connections at once
   (TLS handshakes and connections that have not associated yet included) and at most
-  ``max_associations_per_peer`` from one IP address. A connection over a limit is closed as
-  soon as it is accepted (no thread, no read) and the refusal is logged with the peer address
-  and the reason.
+  ``max_associations_per_peer`` from one IP address. A connection over the per-address limit is
+  closed as soon as it is accepted (no thread, no read). When all ``max_associations`` slots
+  are taken, the oldest connection that has not sent its A-ASSOCIATE-RQ after
+  :data:`EVICT_AFTER_S` is closed to make room (a sender associates within milliseconds of
+  connecting; a flood of idle connections from many addresses no longer locks senders out
+  until ARTIM); only when every slot holds an association is the new connection refused. Every
+  refusal and eviction is logged with the peer address and the reason.
 * **TLS** (:class:`GuardedAssociationServer`): the handshake runs in the connection's own
   thread, never in the accept thread, and must finish within ``tls_handshake_timeout_s``; a
   failed handshake is logged with the peer and what failed (no client certificate, unknown CA,
@@ -66,6 +70,9 @@ PDV_HEADER: Final = struct.Struct(">LBB")
 """PDV item: length (of context ID, control header and fragment), context ID, control header."""
 PDV_CONTROL_COMMAND: Final = 0x01
 PDV_CONTROL_LAST: Final = 0x02
+EVICT_AFTER_S: Final = 0.5
+"""A connection that has not associated this long may be closed to make room for a new one
+when every slot is taken."""
 LOG_EVERY_S: Final = 10.0
 """One refusal line per peer and reason at most this often."""
 THROTTLE_KEYS_MAX: Final = 4096
@@ -90,6 +97,7 @@ EVT_INVALID_PDU: Final = "Evt19"
 
 # Refusal reasons: the label of hust19_connections_refused
 REASON_TOO_MANY: Final = "max_associations"
+REASON_EVICTED: Final = "evicted"
 REASON_TOO_MANY_FROM_PEER: Final = "max_associations_per_peer"
 REASON_TLS: Final = "tls_handshake"
 REASON_ARTIM: Final = "artim"
@@ -112,53 +120,89 @@ class Limits:
     max_pdu_bytes: int = MAX_PDU_BYTES
 
 
+@dataclass
+class _Slot:
+    """One admitted connection."""
+
+    host: str
+    since: float
+    sock: socket.socket
+    associated: bool = False
+    evicted: bool = False
+
+
 class ConnectionGuard:
     """Connection slots (in total and per peer address), the refusal log and its metric.
 
-    Thread-safe: the accept thread takes slots, connection threads give them back."""
+    Thread-safe: the accept thread takes slots, connection threads give them back and say
+    when their peer has associated."""
 
     def __init__(self, limits: Limits, metrics: Metrics | None = None) -> None:
         self.limits = limits
         self.metrics = metrics or Metrics()
         self._lock = threading.Lock()
-        self._open = 0
-        self._by_peer: dict[str, int] = {}
+        self._slots: dict[tuple[str, int], _Slot] = {}
         self._throttle: dict[tuple[str, str], tuple[float, int]] = {}
 
     @property
     def open_connections(self) -> int:
+        """Connections holding a slot (those being closed to make room not counted)."""
         with self._lock:
-            return self._open
+            return sum(1 for slot in self._slots.values() if not slot.evicted)
 
-    def admit(self, host: str, peer: str) -> bool:
-        """Take a slot for a new connection from ``host``; ``False`` (logged) when a limit is
-        reached."""
+    def admit(self, address: tuple[str, int], sock: socket.socket) -> bool:
+        """Take a slot for a new connection from ``address``; ``False`` (logged) when a
+        limit is reached and no idle connection can make room."""
+        host, peer = address[0], f"{address[0]}:{address[1]}"
+        victim: _Slot | None = None
+        victim_peer = ""
+        now = time.monotonic()
         with self._lock:
-            from_peer = self._by_peer.get(host, 0)
-            if self._open >= self.limits.max_associations:
-                reason, why = REASON_TOO_MANY, (
-                    f"{self._open} connections open, the limit is "
-                    f"{self.limits.max_associations} (max_associations)")
-            elif from_peer >= self.limits.max_associations_per_peer:
+            live = [slot for slot in self._slots.values() if not slot.evicted]
+            from_peer = sum(1 for slot in live if slot.host == host)
+            if from_peer >= self.limits.max_associations_per_peer:
                 reason, why = REASON_TOO_MANY_FROM_PEER, (
                     f"{from_peer} connections open from {host}, the limit is "
                     f"{self.limits.max_associations_per_peer} (max_associations_per_peer)")
-            else:
-                self._open += 1
-                self._by_peer[host] = from_peer + 1
-                return True
-        self.refused(peer, reason, f"connection closed at once: {why}")
-        return False
+            elif len(live) >= self.limits.max_associations:
+                idle = [slot for slot in live if not slot.associated
+                        and now - slot.since >= EVICT_AFTER_S]
+                if not idle:
+                    reason, why = REASON_TOO_MANY, (
+                        f"{len(live)} connections open, the limit is "
+                        f"{self.limits.max_associations} (max_associations)")
+                else:
+                    victim = min(idle, key=lambda slot: slot.since)
+                    victim.evicted = True
+                    victim_peer = next(f"{h}:{p}" for (h, p), slot in self._slots.items()
+                                       if slot is victim)
+            if from_peer < self.limits.max_associations_per_peer and (
+                    len(live) < self.limits.max_associations or victim is not None):
+                self._slots[(host, int(address[1]))] = _Slot(host, now, sock)
+                reason = ""
+        if victim is not None:
+            self.refused(victim_peer, REASON_EVICTED,
+                         f"connection closed after {now - victim.since:.1f} s without an "
+                         f"A-ASSOCIATE-RQ to make room for {peer} (all "
+                         f"{self.limits.max_associations} slots taken: max_associations)")
+            with contextlib.suppress(OSError):
+                victim.sock.shutdown(socket.SHUT_RDWR)
+        if reason:
+            self.refused(peer, reason, f"connection closed at once: {why}")
+            return False
+        return True
 
-    def release(self, host: str) -> None:
-        """Give back the slot of a connection from ``host`` that has ended."""
+    def associated(self, address: tuple[str, int]) -> None:
+        """The connection from ``address`` sent its A-ASSOCIATE-RQ: never evicted now."""
         with self._lock:
-            self._open = max(0, self._open - 1)
-            left = self._by_peer.get(host, 0) - 1
-            if left > 0:
-                self._by_peer[host] = left
-            else:
-                self._by_peer.pop(host, None)
+            slot = self._slots.get((address[0], int(address[1])))
+            if slot is not None:
+                slot.associated = True
+
+    def release(self, address: tuple[str, int]) -> None:
+        """Give back the slot of a connection from ``address`` that has ended."""
+        with self._lock:
+            self._slots.pop((address[0], int(address[1])), None)
 
     def refused(self, peer: str, reason: str, text: str) -> None:
         """Count a refusal and log it (at most one line per peer and reason every
@@ -185,6 +229,13 @@ def peer_text(address: Any) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         return f"{address[0]}:{address[1]}"
     return str(address)
+
+
+def _address(client_address: Any) -> tuple[str, int]:
+    """``(host, port)`` of a socket address tuple (IPv4 or IPv6)."""
+    if isinstance(client_address, tuple) and len(client_address) >= 2:
+        return str(client_address[0]), int(client_address[1])
+    return str(client_address), 0
 
 
 def _tls_failure(exc: BaseException) -> str:
@@ -218,11 +269,10 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Take a connection slot (on the accept thread: no I/O, no allocation)."""
-        host = str(client_address[0]) if isinstance(client_address, tuple) else "?"
-        return self.guard.admit(host, peer_text(client_address))
+        return self.guard.admit(_address(client_address), cast(socket.socket, request))
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        host = str(client_address[0]) if isinstance(client_address, tuple) else "?"
+        address = _address(client_address)
         peer = peer_text(client_address)
         limits = self.guard.limits
         try:
@@ -238,7 +288,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             logger.exception("DICOM connection from %s failed", peer)
             self.shutdown_request(request)
         finally:
-            self.guard.release(host)
+            self.guard.release(address)
 
     def _handshake(self, sock: socket.socket, peer: str) -> ssl.SSLSocket | None:
         """The server side of the TLS handshake, within the handshake timeout; ``None`` (the
@@ -365,6 +415,9 @@ class BoundedDUL(DULServiceProvider):
             return
         if pdu_type == A_ASSOCIATE_RQ:
             self._rq_read = True
+            requestor = self.assoc.requestor
+            with contextlib.suppress(Exception):  # the slot is then merely evictable
+                self.guard.associated((str(requestor.address), int(requestor.port)))
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 

@@ -753,7 +753,9 @@ class StorageSCP:
         ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.acse_timeout = self.settings.artim_timeout_s  # ARTIM: waiting for A-ASSOCIATE-RQ
         ae.network_timeout = self.settings.dicom_idle_timeout_s
-        ae.maximum_associations = self.settings.max_associations  # the guard counts first
+        # the guard counts connections first; pynetdicom counts live acceptor threads, among
+        # them connections the guard closed to make room that have not ended yet
+        ae.maximum_associations = 2 * self.settings.max_associations
         ae.require_called_aet = self.settings.require_called_ae
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(ACCEPTED_SYNTAXES))

@@ -24,7 +24,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from agent.app import Agent
-from agent.dicom_guard import MAX_ASSOCIATE_RQ_BYTES, MAX_PDU_BYTES
+from agent.dicom_guard import EVICT_AFTER_S, MAX_ASSOCIATE_RQ_BYTES, MAX_PDU_BYTES
 from agent.status import StoreStatus
 from tests.fixtures.dicom import SAMPLE, dataset_offset, wait_for
 from tests.fixtures.fuzz import deep_sequence, mutants, send_raw
@@ -115,18 +115,40 @@ def test_a_legitimate_sender_gets_through_beside_idle_and_hostile_connections(
 
 def test_connection_limits_refuse_at_once_and_give_slots_back(
         running_agent: Callable[..., Agent], caplog: pytest.LogCaptureFixture) -> None:
+    """Every slot held by an association: the next connection is refused at once, logged;
+    the slots come back as soon as the associations end."""
     caplog.set_level(logging.INFO, GUARD_LOGGER)
     agent = running_agent(max_associations=3)
-    with idle_connections(agent.port, 3):
-        wait_for(lambda: agent.scp is not None and agent.scp.guard.open_connections == 3,
-                 "3 connections admitted")
-        assert not timed_echo(agent.port, timeout_s=2).established
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", agent.port, ae_title="HUST19") for _ in range(3)]
+    assert all(a.is_established for a in held)
+    assert not timed_echo(agent.port, timeout_s=2).established
     (line,) = _refusals(caplog, "max_associations")
     assert "127.0.0.1:" in line and "the limit is 3 (max_associations)" in line
-    # the idle peers left: their slots are free at once, not after the ARTIM timeout
+    for assoc in held:
+        assoc.release()
     wait_for(lambda: agent.scp is not None and agent.scp.guard.open_connections == 0,
              "the slots to be given back", CLOSED_WITHIN_S)
     assert timed_echo(agent.port).established
+
+
+def test_an_idle_flood_from_many_addresses_makes_room_for_a_sender(
+        running_agent: Callable[..., Agent], caplog: pytest.LogCaptureFixture) -> None:
+    """More idle connections than slots, each from its own address (no per-address limit
+    helps): the oldest one that never associated is closed to make room, so the sender gets
+    through at once instead of waiting for ARTIM."""
+    caplog.set_level(logging.INFO, GUARD_LOGGER)
+    agent = running_agent(max_associations=4)
+    with idle_connections(agent.port, 4) as idle:
+        wait_for(lambda: agent.scp is not None and agent.scp.guard.open_connections == 4,
+                 "4 idle connections admitted")
+        time.sleep(EVICT_AFTER_S)  # the idle connections age (the fault's own timing)
+        timing = timed_echo(agent.port)
+        assert timing.established and timing.seconds < LEGIT_WITHIN_S, timing
+        assert peer_closed(idle[0], CLOSED_WITHIN_S)  # the oldest made room
+    (line,) = _refusals(caplog, "evicted")
+    assert line.startswith("DICOM peer 127.0.0.2:") and "without an A-ASSOCIATE-RQ" in line
 
 
 def test_artim_closes_a_connection_that_never_associates(
