@@ -11,7 +11,8 @@ Real processes on loopback: ``hust19 serve|ingest|worker``, dcmtk ``storescu``/`
   (0xFFFFFFFF) to ``hust19 ingest``: resident memory before and after (target < 10 MiB).
 * ``legit``: a legitimate sender's associate + C-ECHO + release beside 12 idle and 12 hostile
   connections, without and with TLS (target < 1 s); and beside a flood larger than
-  ``max_associations`` from 40 addresses (what no per-address limit can help).
+  ``max_associations`` from 40 addresses (no per-address limit helps there: the oldest idle
+  connection is evicted).
 * ``kafka``: two ``hust19 worker`` processes on Kafka; the one owning the series' partition is
   SIGKILLed mid-series; seconds until the series' result is on ``triage.results`` (target
   <= 15 s), and results per series.
@@ -184,7 +185,8 @@ def legit(work: Path) -> dict[str, Any]:
             "all_established": all(t.established for t in beside), "target_s": 1.0,
             "beside_40_idle_from_40_addresses": {
                 "established": flood.established, "seconds": round(flood.seconds, 3),
-                "note": "40 > max_associations (32): refused until ARTIM (10 s) frees slots"}}
+                "note": "40 > max_associations (32): the oldest idle connection is closed "
+                        "to make room (evicted)"}}
     return out
 
 
