@@ -343,10 +343,10 @@ class TriageWorker:
             if dropped:
                 log.info("partition %s revoked: %d unfinished series handed back", tp,
                          len(dropped))
-        if now - self._assignment:
-            log.info("group %s: partitions assigned to this worker: %s (now %d)",
-                     self.group_id, ", ".join(f"{t}[{p}]" for t, p in
-                                              sorted(now - self._assignment)), len(now))
+        if now != self._assignment:
+            log.info("group %s: partitions assigned to this worker: %s (gained %d, lost %d)",
+                     self.group_id, ", ".join(f"{t}[{p}]" for t, p in sorted(now)) or "none",
+                     len(now - self._assignment), len(self._assignment - now))
         self._assignment = now
 
     # --- instances -------------------------------------------------------------------------
