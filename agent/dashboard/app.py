@@ -225,12 +225,6 @@ def _parse_date(text: str | None) -> date | None:
         return None
 
 
-def _local_midnight_utc(day: date) -> datetime:
-    """The start of local day ``day`` as a naive UTC time."""
-    return datetime(day.year, day.month, day.day).astimezone().astimezone(UTC).replace(
-        tzinfo=None)
-
-
 @dataclass(frozen=True)
 class FilterForm:
     """The worklist filters as the query string carries them (validated, normalised)."""
@@ -262,12 +256,10 @@ class FilterForm:
                    q=qp.get("q", "").strip()[:MAX_SEARCH], page=page)
 
     def to_filter(self) -> WorklistFilter:
-        d_from, d_to = _parse_date(self.date_from), _parse_date(self.date_to)
         return WorklistFilter(
             flag=self.flag or None, availability=self.avail or None,
             acknowledged=None if not self.ack else self.ack == "yes",
-            received_from=_local_midnight_utc(d_from) if d_from else None,
-            received_to=_local_midnight_utc(d_to + timedelta(days=1)) if d_to else None,
+            date_from=_parse_date(self.date_from), date_to=_parse_date(self.date_to),
             search=self.q or None)
 
     def query(self, **changes: Any) -> str:

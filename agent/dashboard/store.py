@@ -2,7 +2,7 @@
 
 Tables (all named ``dashboard_*`` so that the dashboard can share a database):
 
-* ``results``: one row per ``result_id`` (one per series), the highest revision seen, with the
+* ``results``: one row per ``result_id`` (one per series), the current revision, with the
   columns the worklist filters and sorts on (a compact table: scans stay fast).
 * ``revisions``: every revision ever received, each with the whole result as JSON (version 2;
   version-1 results are stored as upgraded by :func:`schemas.messages.parse_result`); the
@@ -14,12 +14,24 @@ Tables (all named ``dashboard_*`` so that the dashboard can share a database):
 * ``sessions``: logged-in browsers (the SHA-256 of the cookie, never the cookie).
 * ``meta``: the store's own secret (CSRF tokens in proxy mode), made at first start.
 
-Idempotence. A redelivered message changes nothing: a result with a revision the store has
-(same content) is ignored; a higher revision replaces the row (the acknowledgement stays on the
-revision it was given to, and the row shows that a newer one came); a lower one only goes into
-the history. Two results with the same revision and different content (version-1 results and
-agents before revisions re-issued a result with lab values under the same identity) are told
-apart by a digest of the content: the later ``result_ready`` wins.
+Revisions and idempotence, as the worker issues them (``agent/ledger.py``): a result whose
+content changed (labs arrived, late instances, other models) comes as revision + 1, and a redo
+of the same content repeats the same revision with the same content. So:
+
+* a higher revision replaces the row (the acknowledgement stays on the revision it was given
+  to, and the row shows that a newer one came);
+* the same revision with the same content is a redelivery or a redo and changes nothing, even
+  when what does not make the content differs (the times the instances arrived, where the SR
+  was queued: :data:`CONTENT_EXCLUDED`, as the worker's content digest leaves them out);
+* a lower revision only goes into the history.
+
+The fallback: the same revision with *other* content. The worker's ledger lives in its data
+folder, so after a partition moved to another worker a changed result can repeat a revision
+number; version-1 results (all revision 1, re-issued when the labs arrived) do the same. Then
+the later ``timings.result_ready`` wins and the other goes into the history.
+
+Older stores are upgraded by :meth:`Store.create`: missing columns added and filled from the
+stored results, digests recomputed as content digests.
 
 Every statement is built with SQLAlchemy expressions (bound parameters only). Write
 transactions on SQLite begin ``IMMEDIATE`` so that a reader-turned-writer never fails on a stale
@@ -31,16 +43,18 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import logging
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, Literal
 
 from sqlalchemy import (
     Boolean,
     Column,
+    Date,
     DateTime,
     Engine,
     Float,
@@ -58,12 +72,15 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.schema import CreateColumn
 from sqlalchemy.sql.elements import ColumnElement
 
 from agent.lis import resolve_url, safe_url
@@ -93,6 +110,15 @@ SQLITE_CACHE_KIB: Final = 8192
 SESSION_TOUCH_S: Final = 60.0
 """A session's last-seen time is written at most this often."""
 SECRET_KEY: Final = "secret"  # noqa: S105 - the name of a row, not a secret
+CONTENT_EXCLUDED: Final = frozenset({"result_id", "revision", "sr_sop_instance_uid",
+                                      "supersedes_sr_sop_instance_uid", "sr_destinations",
+                                      "timings", "generation"})
+"""The fields of a result that do not make its content: the same set as the worker's
+``agent.worker.CONTENT_EXCLUDED`` (a test keeps them equal)."""
+STUDY_DATE_FORMAT: Final = "%Y%m%d"
+NAME_CHARS: Final = 200
+"""The worklist keeps this much of a patient's name (DICOM PN: three groups of 64 at most);
+the stored result keeps all of it."""
 
 Availability = Literal["both", "ct", "labs", "none"]
 AVAILABILITY: Final = ("both", "ct", "labs", "none")
@@ -115,7 +141,8 @@ results = Table(
     Column("urgency", SmallInteger, nullable=False),
     Column("threshold", String(16)),
     Column("patient_id", String(64)),
-    Column("patient_name", String(200)),
+    Column("patient_name", String(NAME_CHARS)),
+    Column("study_date", Date),
     Column("accession_number", String(64)),
     Column("study_uid", String(64), nullable=False),
     Column("series_uid", String(64), nullable=False),
@@ -139,6 +166,7 @@ Index(f"ix_{PREFIX}results_order", results.c.urgency, results.c.result_ready.des
 Index(f"ix_{PREFIX}results_patient", results.c.patient_id)
 Index(f"ix_{PREFIX}results_accession", results.c.accession_number)
 Index(f"ix_{PREFIX}results_received", results.c.received_at)
+STUDY_DATE_INDEX: Final = Index(f"ix_{PREFIX}results_study_date", results.c.study_date)
 
 revisions = Table(
     f"{PREFIX}revisions", metadata,
@@ -251,6 +279,30 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def content_digest(result: TriageResult) -> str:
+    """SHA-256 of what makes a result's content, computed as the worker computes it
+    (everything but :data:`CONTENT_EXCLUDED`): equal for a redelivery and for a redo."""
+    content = result.model_dump(mode="json", by_alias=True, exclude=set(CONTENT_EXCLUDED))
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def study_date_of(result: TriageResult) -> date | None:
+    """The result's Study Date (DICOM DA, YYYYMMDD) as a date; ``None`` when it has none or
+    it is not a date."""
+    text_ = (result.study_date or "").strip()
+    try:
+        return datetime.strptime(text_[:8], STUDY_DATE_FORMAT).date() \
+            if len(text_) >= 8 else None
+    except ValueError:
+        return None
+
+
+def local_midnight_utc(day: date) -> datetime:
+    """The start of the server's local day ``day`` as a naive UTC time."""
+    return datetime(day.year, day.month, day.day).astimezone().astimezone(UTC).replace(
+        tzinfo=None)
+
+
 # --- what the consumer hands the store ------------------------------------------------------
 @dataclass(frozen=True)
 class ResultItem:
@@ -294,14 +346,17 @@ class ApplyStats:
 # --- what the pages read ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class WorklistFilter:
-    """The worklist's filters; ``None`` is "any". ``received_from``/``received_to`` are naive
-    UTC bounds (from inclusive, to exclusive) on the time the series arrived."""
+    """The worklist's filters; ``None`` is "any".
+
+    ``date_from``/``date_to`` (both inclusive) bound the study's date: the Study Date of the
+    images where the result carries one, else the server's local day on which the series
+    arrived (results from agents that did not send the Study Date)."""
 
     flag: str | None = None
     availability: str | None = None
     acknowledged: bool | None = None
-    received_from: datetime | None = None
-    received_to: datetime | None = None
+    date_from: date | None = None
+    date_to: date | None = None
     search: str | None = None
 
     def conditions(self) -> list[ColumnElement[bool]]:
@@ -315,10 +370,17 @@ class WorklistFilter:
             out.append(c.availability == self.availability)
         if self.acknowledged is not None:
             out.append(c.acked.is_(self.acknowledged))
-        if self.received_from is not None:
-            out.append(c.received_at >= self.received_from)
-        if self.received_to is not None:
-            out.append(c.received_at < self.received_to)
+        if self.date_from is not None or self.date_to is not None:
+            dated: list[ColumnElement[bool]] = [c.study_date.is_not(None)]
+            undated: list[ColumnElement[bool]] = [c.study_date.is_(None)]
+            if self.date_from is not None:
+                dated.append(c.study_date >= self.date_from)
+                undated.append(c.received_at >= local_midnight_utc(self.date_from))
+            if self.date_to is not None:
+                dated.append(c.study_date <= self.date_to)
+                undated.append(c.received_at < local_midnight_utc(
+                    self.date_to + timedelta(days=1)))
+            out.append(or_(and_(*dated), and_(*undated)))
         if self.search:
             pattern = "%" + _escape_like(self.search.strip()) + "%"
             out.append(or_(c.patient_id.ilike(pattern, escape="\\"),
@@ -339,6 +401,7 @@ class WorklistRow:
     threshold: str | None
     patient_id: str | None
     patient_name: str | None
+    study_date: date | None
     accession_number: str | None
     availability: str
     p_fused: float | None
@@ -379,6 +442,8 @@ class RevisionRow:
     result_ready: datetime
     stored_at: datetime
     current: bool
+    sr_sop_instance_uid: str | None = None
+    supersedes_sr_sop_instance_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -495,13 +560,53 @@ class Store:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def create(self) -> None:
-        """Create the tables that are missing (an existing store is kept as it is)."""
+        """Create the tables that are missing; a store made by an earlier dashboard is kept
+        and upgraded (:meth:`_upgrade`)."""
         if self.is_sqlite and self.url.database:
             from pathlib import Path
 
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
         with self._errors("create the tables"):
             metadata.create_all(self._write)
+        with self._errors("upgrade the tables"), self._write.begin() as conn:
+            self._upgrade(conn)
+
+    @staticmethod
+    def _upgrade(conn: Connection) -> None:
+        """Bring a store made by an earlier dashboard up to date: add the ``results`` columns
+        it lacks (and their index), fill them from the stored results, and recompute the
+        digests as content digests (they were digests of the whole message)."""
+        have = {c["name"] for c in inspect(conn).get_columns(results.name)}
+        missing = [c for c in results.columns if c.name not in have]
+        if not missing:
+            return
+        for column in missing:
+            spec = CreateColumn(column).compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {results.name} ADD COLUMN {spec}"))
+        STUDY_DATE_INDEX.create(conn, checkfirst=True)
+        current = {r.result_id: (r.revision, r.digest) for r in conn.execute(
+            select(results.c.result_id, results.c.revision, results.c.digest))}
+        seen: set[tuple[str, int, str]] = set()
+        rows = conn.execute(select(revisions.c.result_id, revisions.c.revision,
+                                   revisions.c.digest, revisions.c.doc)
+                            .order_by(revisions.c.result_id, revisions.c.revision,
+                                      revisions.c.stored_at)).all()
+        for rid, rev, old, doc in rows:
+            result = TriageResult.model_validate_json(doc)
+            new = content_digest(result)
+            where = and_(revisions.c.result_id == rid, revisions.c.revision == rev,
+                         revisions.c.digest == old)
+            if (rid, rev, new) in seen:  # the same content stored twice: keep one
+                conn.execute(delete(revisions).where(where))
+            else:
+                seen.add((rid, rev, new))
+                conn.execute(update(revisions).where(where).values(digest=new))
+            if current.get(rid) == (rev, old):
+                conn.execute(update(results).where(results.c.result_id == rid).values(
+                    digest=new, patient_name=result.patient_name,
+                    study_date=study_date_of(result)))
+        logger.info("dashboard database upgraded: columns %s added, %d stored results "
+                    "re-read", ", ".join(c.name for c in missing), len(rows))
 
     def ping(self) -> None:
         with self._errors("answer"), self._read.connect() as conn:
@@ -532,8 +637,9 @@ class Store:
 
     def _apply_result(self, conn: Connection, r: TriageResult, now: datetime,
                       stats: ApplyStats) -> None:
+        """One result, by the rules of the module docstring (revisions and idempotence)."""
         doc = dump_json(r).decode()
-        digest = hashlib.sha256(doc.encode()).hexdigest()
+        digest = content_digest(r)
         ready = naive_utc(r.timings.result_ready)
         seen = conn.execute(select(revisions.c.digest).where(
             revisions.c.result_id == r.result_id, revisions.c.revision == r.revision,
@@ -551,11 +657,13 @@ class Store:
             conn.execute(insert(results).values(result_id=r.result_id, acked=False, **values))
             stats.new += 1
             return
+        # a higher revision replaces; the same revision with other content (another worker's
+        # ledger, version-1 results) replaces only when it was made later
         newer = r.revision > current.revision or (
             r.revision == current.revision and digest != current.digest
             and ready > current.result_ready)
-        if not newer:
-            if r.revision == current.revision and digest == current.digest:
+        if not newer:  # a redelivery changes nothing; another revision joins the history
+            if seen is not None:
                 stats.unchanged += 1
             else:
                 stats.history += 1
@@ -659,7 +767,8 @@ class Store:
             digest, doc = r[len(ROW_COLUMNS)], r[len(ROW_COLUMNS) + 1]
             revs = conn.execute(select(revisions.c.revision, revisions.c.status,
                                        revisions.c.flag, revisions.c.result_ready,
-                                       revisions.c.stored_at, revisions.c.digest)
+                                       revisions.c.stored_at, revisions.c.digest,
+                                       revisions.c.doc)
                                 .where(revisions.c.result_id == result_id)
                                 .order_by(revisions.c.revision.desc(),
                                           revisions.c.result_ready.desc())).all()
@@ -669,8 +778,7 @@ class Store:
             evidence = self._evidence(conn, result_id)
         return ResultDetail(
             row=row, result=TriageResult.model_validate_json(doc),
-            revisions=[RevisionRow(v.revision, v.status, v.flag, v.result_ready, v.stored_at,
-                                   v.revision == row.revision and v.digest == digest)
+            revisions=[_revision_row(v, v.revision == row.revision and v.digest == digest)
                        for v in revs],
             audit=[AuditRow(*a) for a in trail], evidence=evidence)
 
@@ -858,6 +966,18 @@ def decode_thumbnail(png_b64: str) -> bytes:
     return data
 
 
+def _clip(value: str | None, chars: int) -> str | None:
+    return None if value is None else value[:chars]
+
+
+def _revision_row(v: Any, current: bool) -> RevisionRow:
+    """A row of the revisions table with the SR UIDs of its stored result."""
+    doc = json.loads(v.doc)
+    return RevisionRow(v.revision, v.status, v.flag, v.result_ready, v.stored_at, current,
+                       doc.get("sr_sop_instance_uid"),
+                       doc.get("supersedes_sr_sop_instance_uid"))
+
+
 def _row_values(r: TriageResult, digest: str, now: datetime) -> dict[str, Any]:
     t = r.timings
     turnaround = ((t.result_ready - t.last_instance_received).total_seconds()
@@ -869,7 +989,8 @@ def _row_values(r: TriageResult, digest: str, now: datetime) -> dict[str, Any]:
     return {
         "revision": r.revision, "digest": digest, "status": r.status, "flag": r.flag,
         "urgency": urgency, "threshold": r.threshold, "patient_id": r.patient_id,
-        "patient_name": None, "accession_number": r.accession_number,
+        "patient_name": _clip(r.patient_name, NAME_CHARS), "study_date": study_date_of(r),
+        "accession_number": r.accession_number,
         "study_uid": r.study_uid, "series_uid": r.series_uid,
         "availability": availability_of(r), "p_fused": p_covid(r.scores.fused),
         "p_ct": p_covid(r.scores.ct), "p_labs": p_covid(r.scores.cf),

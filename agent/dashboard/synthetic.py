@@ -1,7 +1,13 @@
 """Made-up triage results and evidence sets, for the dashboard's benchmark, screenshots and
 tests: well-formed ``hust19.triage.result/2`` and ``hust19.triage.evidence/1`` messages whose
-numbers hang together (the flag follows the scores, the CT severity the involvement). Patient
-IDs are ``SYN-`` numbers: never real data.
+numbers hang together (the flag follows the scores, the CT severity the involvement, the lab
+values the flag). Patient IDs are ``SYN-`` numbers and the names are drawn from common ones:
+never real data.
+
+Every result has a patient name and a study date (the day the series arrived, now and then a
+day or three before: images sent later); a triaged one an SR queued for one or two PACS, and
+when it used lab values (``labs``) the values themselves (``lab_values``); revision N > 1 names
+revision N - 1's SR as the one it supersedes.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from schemas.messages import (
     ClassScores,
     EvidenceSlice,
     EvidenceThumbnails,
+    LabResult,
     LungMeasurements,
     ModalityScores,
     QuantitativeCt,
@@ -36,6 +43,29 @@ THUMB_SIZE: Final = 128
 MODEL_VERSIONS: Final = {"slice": "slice-20261126161031", "patient": "patient-20261127",
                          "cf": "cf-20261204132950", "fusion": "fusion-20261204",
                          "quantitative": "qct-1"}
+FAMILY_NAMES: Final = ("CHEN", "LI", "WANG", "ZHANG", "LIU", "YANG", "HUANG", "ZHAO", "WU",
+                       "ZHOU", "XU", "SUN", "MA", "ZHU", "HU", "GUO", "HE", "LIN", "LUO", "GAO")
+GIVEN_NAMES: Final = ("Wei", "Fang", "Min", "Jing", "Lei", "Yan", "Tao", "Hui", "Jun", "Ping",
+                      "Xiuying", "Ming", "Qiang", "Li", "Hong", "Bo")
+SR_DESTINATIONS: Final = ("PACS@pacs.hospital.example:104", "ARCHIVE@10.20.0.15:11112")
+Span = tuple[float, float]
+# code: (where the value is drawn from for control, type I, type II), the printed range or None
+LABS: Final[dict[str, tuple[tuple[Span, Span, Span], Span | None]]] = {
+    "AGE": (((25, 70), (35, 80), (55, 90)), None),
+    "TEMP": (((36.3, 37.1), (37.2, 38.6), (37.8, 39.4)), None),
+    "WBC": (((4.0, 9.0), (3.2, 7.5), (6.0, 14.0)), (3.5, 9.5)),
+    "NEP": (((45.0, 70.0), (55.0, 78.0), (78.0, 92.0)), (40.0, 75.0)),
+    "LY": (((1.3, 2.9), (0.8, 1.3), (0.3, 0.8)), (1.1, 3.2)),
+    "PLT": (((150, 320), (130, 260), (90, 180)), (125, 350)),
+    "CRP": (((0.5, 6.0), (8.0, 40.0), (40.0, 130.0)), (0.0, 10.0)),
+    "PCT": (((0.02, 0.05), (0.03, 0.12), (0.1, 0.9)), (0.0, 0.05)),
+    "DD": (((0.1, 0.45), (0.3, 1.1), (1.0, 5.5)), None),
+    "LDH": (((120, 230), (200, 310), (300, 620)), None),
+    "ALB": (((38.0, 48.0), (33.0, 40.0), (27.0, 34.0)), (35.0, 55.0)),
+}
+UNITS: Final = {"AGE": "a", "TEMP": "Cel", "WBC": "G/L", "NEP": "%", "LY": "G/L", "PLT": "G/L",
+                "CRP": "mg/L", "PCT": "ng/mL", "DD": "mg/L FEU", "LDH": "U/L", "ALB": "g/L"}
+PCT_DETECTION_LIMIT: Final = 0.05
 
 
 def severity(involvement: float) -> str:
@@ -69,12 +99,42 @@ def _lung(rng: random.Random, involvement: float, volume: float) -> LungMeasurem
                             involvement_percent=involvement)
 
 
+def patient_name(rng: random.Random) -> str:
+    """A made-up DICOM person name, FAMILY^Given."""
+    return f"{rng.choice(FAMILY_NAMES)}^{rng.choice(GIVEN_NAMES)}"
+
+
+def lab_values(rng: random.Random, flag: str, collected: datetime) -> list[LabResult]:
+    """Lab values that fit ``flag``, as the worker puts them in a result (sorted by code)."""
+    column = {"control": 0, "type1": 1, "type2": 2}[flag]
+    out = []
+    for code, (spans, printed) in LABS.items():
+        lo, hi = spans[column]
+        value = round(rng.uniform(lo, hi), 2 if hi < 10 else 1)
+        qualifier = ""
+        if code == "PCT" and value < PCT_DETECTION_LIMIT:  # below what the assay reports
+            value, qualifier = PCT_DETECTION_LIMIT, "<"
+        if code == "AGE":
+            value = float(int(value))
+        when = None if code == "AGE" else (collected - timedelta(
+            hours=rng.uniform(1, 20))).replace(tzinfo=None, microsecond=0).isoformat()
+        out.append(LabResult(code=code, value=value, unit=UNITS[code], qualifier=qualifier,
+                             low=printed[0] if printed else None,
+                             high=printed[1] if printed else None,
+                             lis_code=None if code in ("AGE", "TEMP") else f"L-{code}",
+                             collected_at=when))
+    return sorted(out, key=lambda v: v.code)
+
+
 def make_result(n: int, *, flag: str | None = None, revision: int = 1,
                 status: str = "triaged", ready: datetime | None = None,
                 labs: bool | None = None, patient_id: str | None = None,
-                seed: int | None = None) -> TriageResult:
-    """The ``n``-th synthetic result (deterministic for ``n`` and ``seed``)."""
+                study_date: str | None = None, seed: int | None = None) -> TriageResult:
+    """The ``n``-th synthetic result (deterministic for ``n`` and ``seed``). ``study_date``
+    (YYYYMMDD) overrides the drawn one."""
     rng = random.Random(n if seed is None else seed * 1_000_003 + n)
+    # the fields that came later draw from their own generator: the rest stays as it was
+    more = random.Random(f"synthetic-more-{n}-{seed}")
     series_uid = derive_uid("synthetic-series", str(n))
     study_uid = derive_uid("synthetic-study", str(n))
     ready = ready or datetime(2026, 12, 1, 8, 0, tzinfo=UTC) + timedelta(minutes=7 * n)
@@ -82,8 +142,11 @@ def make_result(n: int, *, flag: str | None = None, revision: int = 1,
     first = last - timedelta(seconds=rng.uniform(20, 90))
     timings = Timings(first_instance_received=first, last_instance_received=last,
                       series_complete=last + timedelta(seconds=3), result_ready=ready)
+    days_before = more.choices([0, 1, 3], weights=[17, 2, 1])[0]
     base = {"result_id": result_id(series_uid), "revision": revision, "study_uid": study_uid,
             "series_uid": series_uid, "patient_id": patient_id or f"SYN-{n:06d}",
+            "patient_name": patient_name(more),
+            "study_date": study_date or (first - timedelta(days=days_before)).strftime("%Y%m%d"),
             "accession_number": f"ACC{n:07d}", "timings": timings,
             "model_versions": dict(MODEL_VERSIONS), "instance_count": rng.randint(60, 300)}
     if status == "skipped":
@@ -105,6 +168,7 @@ def make_result(n: int, *, flag: str | None = None, revision: int = 1,
                        severity=severity(involvement),
                        slices_with_lung=rng.randint(40, 250), slice_spacing_mm=1.25)
     top = [derive_uid("synthetic-slice", str(n), str(i)) for i in range(10)]
+    destinations = list(SR_DESTINATIONS[:more.choice([1, 1, 2])])
     return TriageResult(
         status="triaged", flag=flag, flag_general=flag, flag_sensitive=flag,
         threshold="general",
@@ -114,7 +178,10 @@ def make_result(n: int, *, flag: str | None = None, revision: int = 1,
                                   fusion="rule" if labs else "ct_only",
                                   ct_source="quantitative"),
         quantitative_ct=q, top_slices=top,
-        sr_sop_instance_uid=sr_instance_uid(series_uid, f"synthetic-{revision}"), **base)
+        lab_values=lab_values(more, flag, first) if labs else [],
+        sr_sop_instance_uid=sr_instance_uid(series_uid, f"synthetic-{revision}"),
+        supersedes_sr_sop_instance_uid=sr_instance_uid(series_uid, f"synthetic-{revision - 1}")
+        if revision > 1 else None, sr_destinations=destinations, **base)
 
 
 def lung_window_png(hu: np.ndarray, size: int = THUMB_SIZE) -> bytes:
