@@ -23,6 +23,7 @@ import io
 import logging
 import secrets
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ from agent.dashboard.auth import (
 )
 from agent.dashboard.consumer import ConsumerStatus
 from agent.dashboard.feed import ChangeFeed
+from agent.dashboard.labs import lab_rows
 from agent.dashboard.probes import embedded_group_lags, probe_roles
 from agent.dashboard.settings import DashboardSettings
 from agent.dashboard.store import (
@@ -69,11 +71,12 @@ from agent.dashboard.store import (
     Store,
     WorklistFilter,
     WorklistRow,
+    study_date_of,
     utcnow,
 )
 from agent.lis import LisClient
 from schemas.errors import Hust19Error
-from schemas.features import by_code
+from schemas.messages import TriageResult
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +182,39 @@ def number(value: float | None, fmt: str = "%.0f", unit: str = "") -> str:
     return (fmt % value) + (f" {unit}" if unit else "")
 
 
+def _wide(text: str) -> bool:
+    return all(unicodedata.east_asian_width(ch) in ("W", "F") for ch in text)
+
+
+def person_name(value: str | None) -> str:
+    """A DICOM person name (PN) as people read it: the first group (alphabetic) as "FAMILY,
+    Prefix Given Middle Suffix", the others (ideographic, phonetic) in parentheses with their
+    parts in order, run together where they are CJK characters ("张伟"). Empty without a
+    name."""
+    if not value:
+        return ""
+    groups = []
+    for n, group in enumerate(value.split("=")):
+        family, given, middle, prefix, suffix = ([p.strip() for p in group.split("^")]
+                                                 + [""] * 5)[:5]
+        if n == 0:
+            rest = " ".join(p for p in (prefix, given, middle, suffix) if p)
+            text = ", ".join(p for p in (family, rest) if p)
+        else:
+            parts = [p for p in (prefix, family, given, middle, suffix) if p]
+            text = ("" if _wide("".join(parts)) else " ").join(parts)
+        groups.append(text)
+    first, others = groups[0], [g for g in groups[1:] if g]
+    if not first:
+        return " / ".join(others)
+    return first + (f" ({' / '.join(others)})" if others else "")
+
+
+def day(value: date | None) -> str:
+    """A date as YYYY-MM-DD, or a dash."""
+    return "—" if value is None else value.isoformat()
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "—"
@@ -196,7 +232,7 @@ def _templates() -> Jinja2Templates:
                       autoescape=select_autoescape(["html"]), trim_blocks=True,
                       lstrip_blocks=True)
     env.filters.update(local_time=local_time, iso_time=iso_time, prob=prob, percent=percent,
-                       duration=duration, number=number)
+                       duration=duration, number=number, person_name=person_name, day=day)
     env.globals.update(FLAG_LABELS=FLAG_LABELS, FLAG_MEANING=FLAG_MEANING,
                        AVAILABILITY_LABELS=AVAILABILITY_LABELS, FUSION_LABELS=FUSION_LABELS,
                        version=__version__)
@@ -421,26 +457,35 @@ def create_app(state: DashboardState) -> Starlette:
         detail = state.store.detail(rid)
         if detail is None:
             return render(request, "not_found.html", who, status=404)
-        labs = lab_values(detail.result.patient_id, detail.row.received_at)
-        catalogue = by_code()
+        labs = lab_table(detail.result, detail.row.received_at)
+        superseded = next((v for v in detail.revisions if v.sr_sop_instance_uid is not None
+                           and v.sr_sop_instance_uid
+                           == detail.result.supersedes_sr_sop_instance_uid), None)
         return render(request, "result.html", who, d=detail, r=detail.result, row=detail.row,
-                      labs=labs, catalogue=catalogue, now=utcnow(),
+                      labs=labs, superseded=superseded, now=utcnow(),
                       undo_window_s=UNDO_WINDOW_S, back=_local_path(
                           request.query_params.get("back"), "/"))
 
-    def lab_values(patient_id: str | None, received: datetime) -> dict[str, Any]:
+    def lab_table(result: TriageResult, received: datetime) -> dict[str, Any]:
+        """The lab values the result carries (the CF model's inputs); for a result that carries
+        none (agents before ``lab_values``, or no labs used), a LIS lookup now, as the worker
+        makes it: around the Study Date, else the day the series arrived."""
+        if result.lab_values:
+            return {"status": "ok", "source": "result", "rows": lab_rows(result.lab_values)}
         if state.lis is None:
             return {"status": "no_lis"}
-        if not patient_id:
+        if not result.patient_id:
             return {"status": "no_patient_id"}
+        around = study_date_of(result) or received.replace(tzinfo=UTC).astimezone()
         try:
-            found = state.lis.lookup(patient_id, received.replace(tzinfo=UTC).astimezone())
+            found = state.lis.lookup(result.patient_id, around)
         except Hust19Error as exc:
             logger.warning("dashboard: LIS lookup failed: %s", exc.message)
             return {"status": "error", "error": exc.message}
         if not found.patient_found:
             return {"status": "not_found"}
-        return {"status": "ok", "lookup": found}
+        return {"status": "ok", "source": "lis", "lookup": found,
+                "rows": lab_rows(found.values.values())}
 
     def thumbnail(request: Request) -> Response:
         who = principal(request)
@@ -610,11 +655,11 @@ def create_app(state: DashboardState) -> Starlette:
     return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(ResponseHeaders)])
 
 
-CSV_COLUMNS: Final = ("result_id", "revision", "patient_id", "accession_number", "received",
-                      "result_ready", "status", "flag", "threshold", "p_covid_fused",
-                      "p_covid_ct", "p_covid_labs", "modalities", "lung_involvement_percent",
-                      "ct_severity", "turnaround_s", "acknowledged_by", "acknowledged_at",
-                      "skip_reason")
+CSV_COLUMNS: Final = ("result_id", "revision", "patient_id", "patient_name",
+                      "accession_number", "study_date", "received", "result_ready", "status",
+                      "flag", "threshold", "p_covid_fused", "p_covid_ct", "p_covid_labs",
+                      "modalities", "lung_involvement_percent", "ct_severity",
+                      "turnaround_s", "acknowledged_by", "acknowledged_at", "skip_reason")
 
 
 def _cell(value: Any) -> str:
@@ -630,7 +675,8 @@ def _csv_lines(rows: Iterator[WorklistRow], chunk_rows: int = CSV_CHUNK_ROWS) ->
     writer.writerow(CSV_COLUMNS)
     for n, r in enumerate(rows, 1):
         writer.writerow([_cell(v) for v in (
-            r.result_id, r.revision, r.patient_id, r.accession_number, iso_time(r.received_at),
+            r.result_id, r.revision, r.patient_id, r.patient_name, r.accession_number,
+            r.study_date.isoformat() if r.study_date else None, iso_time(r.received_at),
             iso_time(r.result_ready), r.status, r.flag, r.threshold,
             None if r.p_fused is None else f"{r.p_fused:.4f}",
             None if r.p_ct is None else f"{r.p_ct:.4f}",

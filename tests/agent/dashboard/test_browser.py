@@ -1,7 +1,9 @@
 """The dashboard in a real browser (Debian's Chromium driven by Playwright) over a real bus:
-login, a result published on the bus appears without a reload, filters and search,
-acknowledge + undo + audit, the patient page with its thumbnails, the DLQ view, CSRF, logout,
-and the layout at 1366x768 and on a tablet."""
+login, a result published on the bus appears without a reload (with the patient's name and
+the study date), filters (the date filter on the study date, else the arrival day) and search,
+acknowledge + undo + audit, the patient page with its thumbnails, the lab values of the result
+and the SR's destinations, the DLQ view, CSRF, logout, and the layout at 1366x768 and on a
+tablet."""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ import base64
 import re
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agent.bus_embedded import EmbeddedBus
+from agent.dashboard.app import person_name
 from agent.dashboard.service import Dashboard
+from agent.dashboard.store import local_midnight_utc
 from agent.dashboard.synthetic import make_evidence, make_result, publish_evidence, publish_result
 from schemas import topics
 from schemas.messages import DeadLetter, TriageResult, dump_json
@@ -60,7 +64,10 @@ def test_login_live_result_and_logout(page: Any, start_dashboard: Callable[..., 
     page.get_by_role("link", name="SYN-000011").wait_for(timeout=LIVE_TIMEOUT_MS)
     elapsed = time.monotonic() - started
     assert page.url == dash.url + "/"  # no reload: the same page, updated
-    assert "Type II" in row_of(page, result).inner_text()
+    row = row_of(page, result).inner_text()
+    assert "Type II" in row and person_name(result.patient_name) in row
+    study = str(result.study_date)
+    assert f"{study[:4]}-{study[4:6]}-{study[6:]}" in row
     assert elapsed < LIVE_TIMEOUT_MS / 1000
     assert "worklist updated" in page.inner_text("#live")  # said to screen readers too
 
@@ -73,12 +80,18 @@ def test_login_live_result_and_logout(page: Any, start_dashboard: Callable[..., 
 
 def test_filters_search_and_pages(page: Any, start_dashboard: Callable[..., Dashboard],
                                   embedded_bus: EmbeddedBus) -> None:
-    results = [make_result(n) for n in range(60)]
+    # two results of 2026-11-15 (local): one by its study date (sent two weeks later), one
+    # without a study date (an older agent's) that arrived that day
+    day = local_midnight_utc(datetime(2026, 11, 15).date()).replace(tzinfo=UTC)
+    by_study_date = make_result(70, flag="control", study_date="20261115")
+    by_arrival = make_result(71, flag="control", ready=day + timedelta(hours=12)).model_copy(
+        update={"study_date": None})
+    results = [make_result(n) for n in range(60)] + [by_study_date, by_arrival]
     publish(embedded_bus, *results)
     dash = start_dashboard(page_size=25)
-    wait_rows(dash, 60)
+    wait_rows(dash, 62)
     log_in(page, dash)
-    assert "60 results" in page.inner_text("caption")
+    assert "62 results" in page.inner_text("caption")
     page.get_by_role("link", name="Next").click()
     assert "page 2 of 3" in page.inner_text("caption")
 
@@ -96,6 +109,16 @@ def test_filters_search_and_pages(page: Any, start_dashboard: Callable[..., Dash
     page.wait_for_url(re.compile(r".*q=ACC0000042.*"))
     assert page.locator("#worklist tbody tr").count() == 1
     assert page.get_by_role("link", name="SYN-000042").is_visible()
+
+    page.get_by_role("link", name="Clear").click()
+    page.get_by_label("Study date from").fill("2026-11-15")
+    page.get_by_label("to", exact=True).fill("2026-11-15")
+    page.get_by_role("button", name="Apply").click()
+    page.wait_for_url(re.compile(r".*from=2026-11-15&to=2026-11-15.*"))
+    assert page.locator("#worklist tbody tr").count() == 2
+    assert row_of(page, by_study_date).is_visible() and row_of(page, by_arrival).is_visible()
+    assert "2026-11-15" in row_of(page, by_study_date).inner_text()
+    assert "Dates filtered on the study date" in page.inner_text("caption")
 
     page.get_by_role("link", name="Clear").click()
     page.get_by_label("Modalities", exact=True).select_option("ct")
@@ -156,6 +179,14 @@ def test_patient_page_with_thumbnails(page: Any, start_dashboard: Callable[..., 
                            ".every(i => i.complete && i.naturalWidth > 0)")
     text = page.inner_text("main")
     assert result.sr_sop_instance_uid is not None and result.sr_sop_instance_uid in text
+    assert person_name(result.patient_name) in page.inner_text(".summary")
+    # the lab values of the result, one row each, named by the catalogue
+    assert "From the result" in page.inner_text("#labs-source")
+    labs = page.locator("table.labs tbody tr")
+    assert labs.count() == len(result.lab_values) > 0
+    assert "C-reactive protein" in page.inner_text("table.labs")
+    destinations = page.locator("ul.destinations li").all_inner_texts()
+    assert destinations == result.sr_destinations
     assert "slice-20261126161031" in text  # model versions
     assert "CT-" in text and "Lung volume" in text
     # a viewer sees no acknowledge button

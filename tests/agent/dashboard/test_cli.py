@@ -1,6 +1,8 @@
 """``hust19 dashboard`` and its user commands as processes: add-user / remove-user on the users
-file; the dashboard beside ``hust19 serve`` lists a series sent with dcmtk storescu, refuses
-anonymous requests, writes no patient data into its log at INFO, and stops on SIGTERM."""
+file; the dashboard beside ``hust19 serve`` lists a series sent with dcmtk storescu (with the
+patient's name and the Study Date the worker read from the images; the date filter goes by the
+Study Date, not the day it arrived), refuses anonymous requests, writes no patient data into
+its log at INFO, and stops on SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import httpx
@@ -72,7 +75,10 @@ def test_add_change_and_remove_users(tmp_path: Path, monkeypatch: pytest.MonkeyP
 @pytest.mark.slow
 def test_beside_serve_a_sent_series_is_listed(tmp_path: Path) -> None:
     data, dicom_port, web_port = tmp_path / "data", free_port(), free_port()
-    patient_id = str(dcmread(next(SAMPLE.iterdir()), stop_before_pixels=True).PatientID)
+    header = dcmread(next(SAMPLE.iterdir()), stop_before_pixels=True)
+    patient_id, study = str(header.PatientID), str(header.StudyDate)
+    study_day = f"{study[:4]}-{study[4:6]}-{study[6:8]}"
+    assert study_day != date.today().isoformat()
     serve_log, dash_log = tmp_path / "serve.log", tmp_path / "dashboard.log"
     with serve_log.open("wb") as out:
         serve = subprocess.Popen([*HUST19, "serve", "--data-dir", str(data), "--port",
@@ -95,6 +101,13 @@ def test_beside_serve_a_sent_series_is_listed(tmp_path: Path) -> None:
                 page = c.get(url, headers={"X-Forwarded-User": "check"}).text
                 time.sleep(0.2)
             assert c.get(url).status_code == 401
+            row = page[page.index(patient_id):]
+            row = row[:row.index("</tr>")]
+            assert study_day in row and f'class="name">{header.PatientName}<' in row
+            for day, listed in ((study_day, True), (date.today().isoformat(), False)):
+                filtered = c.get(url, params={"from": day, "to": day},
+                                 headers={"X-Forwarded-User": "check"}).text
+                assert (patient_id in filtered) is listed, day
             result_link = re.search(r'href="(/results/[0-9.]+)', page)
             assert result_link is not None
             detail = c.get(url.rstrip("/") + result_link.group(1),
