@@ -62,7 +62,7 @@ FILTERS = {
     "not acknowledged": {"ack": "no"},
     "search patient ID": {"q": "SYN-004242"},
     "search accession substring": {"q": "00777"},
-    "received date range": {"from": "2026-11-01", "to": "2026-11-15"},
+    "study date range": {"from": "2026-11-01", "to": "2026-11-15"},
     "flag+modalities+ack+range": {"flag": "type1", "avail": "both", "ack": "no",
                                   "from": "2026-10-01", "to": "2026-12-31"},
     "last page": {"page": "200"},

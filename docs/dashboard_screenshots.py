@@ -3,10 +3,11 @@
     .venv/bin/python docs/dashboard_screenshots.py
 
 It starts the dashboard in this process on a temporary data folder, publishes made-up results
-(``agent.dashboard.synthetic``: ``SYN-`` patients, never real data) on the embedded bus, gives
-one of them evidence thumbnails drawn from the repository's sample CT series
-(``samples/lung-pet-ct-dx``, CC BY 4.0) in the lung window and lab values in a small LIS, and
-photographs the pages in Debian's Chromium at 1366x768 (a ward PC) and 768x1024 (a tablet).
+(``agent.dashboard.synthetic``: ``SYN-`` patients with made-up names, never real data) on the
+embedded bus, gives one of them a second revision (its lab values arrived after the CT-only
+first one) and evidence thumbnails drawn from the repository's sample CT series
+(``samples/lung-pet-ct-dx``, CC BY 4.0) in the lung window, and photographs the pages in
+Debian's Chromium at 1366x768 (a ward PC) and 768x1024 (a tablet).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from sqlalchemy import create_engine, insert
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -39,10 +39,8 @@ from agent.dashboard.synthetic import (  # noqa: E402
     publish_result,
 )
 from agent.http import HealthServer  # noqa: E402
-from agent.lis import LisClient  # noqa: E402
 from agent.metrics import Metrics  # noqa: E402
 from schemas import topics  # noqa: E402
-from schemas.lis import LisPatient, LisResult  # noqa: E402
 from schemas.messages import DeadLetter, dump_json  # noqa: E402
 
 OUT = REPO / "docs" / "images"
@@ -51,9 +49,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 PASSWORD = secrets.token_urlsafe(16)  # a throwaway user of a throwaway folder
-LABS = {"CRP": (48.2, "mg/L"), "LY": (0.62, "G/L"), "WBC": (5.1, "G/L"),
-        "NEP": (81.3, "%"), "DD": (1.84, "mg/L FEU"), "LDH": (362.0, "U/L"),
-        "ALB": (33.1, "g/L"), "PLT": (171.0, "G/L")}
 
 
 def sample_slices_hu() -> list[np.ndarray]:
@@ -69,20 +64,6 @@ def sample_slices_hu() -> list[np.ndarray]:
     return out
 
 
-def load_lis(url: str, patient_id: str, when: datetime) -> None:
-    with LisClient(url) as client:
-        client.create_schema()
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(insert(LisPatient), [{"patient_id": patient_id, "sex": "M", "age": 67,
-                                           "body_temperature": 38.4,
-                                           "underlying_diseases": "hypertension"}])
-        conn.execute(insert(LisResult), [
-            {"patient_id": patient_id, "code": code, "value": value, "unit": unit,
-             "collected_at": when - timedelta(hours=5)} for code, (value, unit) in LABS.items()])
-    engine.dispose()
-
-
 def publish_scene(bus: EmbeddedBus, now: datetime) -> str:
     """About forty results of a morning; returns the result_id of the one to open."""
     producer = bus.producer()
@@ -91,11 +72,11 @@ def publish_scene(bus: EmbeddedBus, now: datetime) -> str:
         ready = now - timedelta(minutes=9 * (43 - n))
         status = "skipped" if n in (7, 29) else "triaged"
         result = make_result(n, ready=ready, status=status, seed=4)
-        if n == 40:
-            result = make_result(n, flag="type2", labs=True, ready=ready, seed=4)
+        if n == 40:  # CT only first; revision 2 when the lab values came
+            publish_result(producer, make_result(n, flag="type2", labs=False, seed=4,
+                                                 ready=ready - timedelta(minutes=12)))
+            result = make_result(n, flag="type2", labs=True, revision=2, ready=ready, seed=4)
             featured = result.result_id
-            publish_result(producer, result.model_copy(update={"revision": 1}))
-            result = result.model_copy(update={"revision": 2})
         publish_result(producer, result)
         if status == "triaged":
             publish_evidence(producer, make_evidence(result, seed=n, slices=sample_slices_hu()
@@ -124,14 +105,10 @@ def main() -> int:
         now = datetime.now(UTC).replace(second=0, microsecond=0)
         bus = EmbeddedBus(data / "bus")
         featured = publish_scene(bus, now)
-        detail = make_result(40, flag="type2", labs=True, seed=4)
-        lis_url = f"sqlite:///{tmp / 'lis.sqlite'}"
-        load_lis(lis_url, str(detail.patient_id), now.replace(tzinfo=None) - timedelta(
-            minutes=20))
         health = HealthServer("127.0.0.1", 0, Metrics(), {"bus": bus.ping})
         health.start()
         settings = load_dashboard_settings(None, {
-            "data_dir": data, "port": 0, "lis": lis_url,
+            "data_dir": data, "port": 0,
             "role": [f"worker=http://127.0.0.1:{health.port}"]}, environ={})
         dash = Dashboard(settings, bus=bus)
         dash.start()
