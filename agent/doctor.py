@@ -2,14 +2,17 @@
 words, for the person installing or on call.
 
 Each check returns a :class:`Finding`: ``ok``, ``warn`` (works, but worth knowing) or ``fail``
-(something needed is missing: the command exits non-zero).
+(something needed is missing: the command exits non-zero). Doctor only looks: it creates no
+data folder, bus log or LIS file (``hust19 serve`` does at its first start).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from agent.config import Settings
@@ -95,10 +98,13 @@ def _models() -> Finding:
 
 
 def _bus(settings: Settings) -> list[Finding]:
-    """The bus answers; on the embedded bus also what its retention would do (one open)."""
+    """The bus answers; on the embedded bus also what its retention would do (one open). An
+    embedded bus not made yet is not opened (that would create it)."""
     from agent.bus import open_bus
     from agent.bus_embedded import EmbeddedBus
 
+    if settings.bus == "embedded" and not (settings.data_dir / "bus").is_dir():
+        return [_unmade("bus", settings.data_dir / "bus", "embedded bus log")]
     try:
         bus = open_bus(settings.bus, settings.data_dir, compression=settings.kafka_compression,
                        retention_h=settings.bus_retention_h,
@@ -135,27 +141,46 @@ def _bus_retention(bus: EmbeddedBus, retention_h: float) -> list[Finding]:
                     f"at offset {end}; groups: {groups or 'none'}")]
 
 
+def _unmade(check: str, path: Path, what: str) -> Finding:
+    """A folder or file the agent makes at its first start: fine if it can be made there."""
+    parent = existing_ancestor(path)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return Finding(check, "fail", f"no {what} yet at {path}, and {parent} is not writable: "
+                       f"the agent cannot create it (choose --data-dir)")
+    return Finding(check, "ok", f"no {what} yet at {path}: hust19 serve creates it at its "
+                   "first start")
+
+
 def _lis(settings: Settings) -> Finding:
-    from agent.lis import open_lis
+    """The LIS answers, has the mapping's tables and at least one patient (empty: a warning
+    that says how to fill it), and the mapping covers lab features of the CF model."""
+    from agent.lis import FILL_COMMAND, open_lis
     from schemas.features import catalogue
 
     try:
-        client = open_lis(settings)
+        client = open_lis(settings, prepare=False)
     except Hust19Error as exc:
         return Finding("lis", "fail", f"LIS settings unusable: {exc.message}")
-    try:
-        client.ping()
-    except Hust19Error as exc:
-        return Finding("lis", "fail", f"LIS not reachable: {exc.message} (triage will run "
-                       "CT-only until it is)")
-    finally:
-        client.close()
     wanted = {f.code for f in catalogue() if f.kind == "lab"}
     covered = wanted & set(client.mapping.code_map().values())
-    level: Level = "ok" if covered else "fail"
-    return Finding("lis", level, f"LIS {client.display_url} reachable ({client.mapping.source});"
-                   f" the mapping covers {len(covered)} of {len(wanted)} lab features of the CF "
-                   "model")
+    coverage = f"the mapping covers {len(covered)} of {len(wanted)} lab features of the CF model"
+    path = client.sqlite_path
+    try:
+        if path is not None and not path.is_file() and client.mapping.is_reference:
+            return Finding("lis", "warn", f"no LIS yet at {path}: hust19 serve creates it "
+                           "with the reference schema at its first start, empty (every study "
+                           "triaged CT-only); fill it with: "
+                           f"{FILL_COMMAND.format(url=client.display_url)}")
+        status = client.ping()
+    except Hust19Error as exc:
+        return Finding("lis", "fail", f"{exc.message} (triage runs CT-only until it is)")
+    finally:
+        client.close()
+    if not covered:
+        return Finding("lis", "fail", f"{status.describe()}; {coverage}")
+    if status.warning:
+        return Finding("lis", "warn", f"{status.warning}; {coverage}")
+    return Finding("lis", "ok", f"{status.describe()}; {coverage}")
 
 
 def _pacs(settings: Settings) -> list[Finding]:

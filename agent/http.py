@@ -2,7 +2,9 @@
 
 Readiness is a list of named checks, each a callable that raises (any :class:`Hust19Error`)
 when its dependency is not usable; ``/readyz`` answers 200 with every check's state as JSON,
-or 503 naming the failing ones.
+or 503 naming the failing ones. A check may also return an object whose ``warning`` text says
+that the dependency works but not fully (an empty LIS): reported as ``"warning: ..."``,
+without failing readiness.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from schemas.errors import Hust19Error
 log = logging.getLogger(__name__)
 
 ReadinessCheck = Callable[[], object]
-"""Raises when its dependency is not usable; what it returns is ignored."""
+"""Raises when its dependency is not usable; what it returns counts only through a ``warning``
+attribute holding text (see the module doc)."""
+WARNING_PREFIX = "warning: "
 
 
 class HealthServer:
@@ -68,17 +72,21 @@ class HealthServer:
         return int(self._httpd.server_address[1])
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
-        """Run every check; ``(all ok, name -> "ok" or the reason)``."""
+        """Run every check; ``(none failed, name -> "ok", "warning: ..." or the reason)``."""
         report: dict[str, str] = {}
+        failed = False
         for name, check in self.checks.items():
             try:
-                check()
-                report[name] = "ok"
+                warning = getattr(check(), "warning", None)
+                report[name] = WARNING_PREFIX + warning if isinstance(warning, str) \
+                    and warning else "ok"
+                continue
             except Hust19Error as exc:
                 report[name] = exc.message
             except Exception as exc:  # a check must never take the endpoint down
                 report[name] = f"{type(exc).__name__}: {exc}"
-        return all(v == "ok" for v in report.values()), report
+            failed = True
+        return not failed, report
 
     def start(self) -> None:
         self._thread.start()

@@ -28,6 +28,11 @@ Policies (documented in the README, "The LIS"):
   ignored (the ``age`` column is used, if any) and named there too.
 * AGE, GENDER, TEMP and UDIS come from the patient table (or ``patient_query``) unless the
   results carry them.
+
+Readiness (``hust19 doctor``, ``/readyz``): :meth:`LisClient.ping` checks that the LIS answers
+and has the mapping's tables, and tells an empty LIS (a warning: triage is CT-only until it is
+filled) from a usable one. The agent's start (:func:`open_lis`) creates a missing SQLite LIS
+with the reference schema, so a fresh data dir has an empty LIS rather than none.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Final
 
 from sqlalchemy import (
@@ -50,6 +56,7 @@ from sqlalchemy import (
     bindparam,
     column,
     create_engine,
+    inspect,
     make_url,
     or_,
     select,
@@ -82,6 +89,12 @@ DEFAULT_DRIVERS: Final = {"postgresql": "postgresql+psycopg", "mysql": "mysql+py
                           "mariadb": "mariadb+pymysql"}
 """Plain URL schemes get the drivers the product ships with (SQLAlchemy's defaults, psycopg2
 and mysqlclient, are not installed)."""
+
+FILL_COMMAND: Final = "hust19 lis import-ictcf ICTCF_FOLDER --lis {url}"
+"""How to fill an empty reference-schema LIS (for a demo: the iCTCF folder of patients.csv and
+lab_results.csv; a hospital loads its own results into the same tables)."""
+NO_PATIENT_ID: Final = "hust19 readiness probe: no such patient"
+"""The Patient ID a custom query is run with to see that it runs (it matches nobody)."""
 
 FAR_PAST: Final = datetime(1900, 1, 1)
 FAR_FUTURE: Final = datetime(9999, 12, 31)
@@ -135,6 +148,36 @@ class LabLookup:
             "non_numeric": self.non_numeric,
             "unreadable": self.unreadable,
         }
+
+
+@dataclass(frozen=True)
+class LisStatus:
+    """What :meth:`LisClient.ping` found in a LIS that answers: the mapped ``tables`` it has
+    and whether they hold a patient (``has_data``; ``None`` through a custom query, which
+    cannot tell). An empty LIS works (every study is triaged CT-only) but is worth a
+    ``warning``, which says how to fill it."""
+
+    url: str
+    source: str
+    tables: tuple[str, ...]
+    has_data: bool | None
+    fill_hint: str
+
+    @property
+    def warning(self) -> str | None:
+        """Why this LIS, though reachable, gives no lab values; ``None`` when it can."""
+        if self.has_data is not False:
+            return None
+        return (f"LIS {self.url} ({self.source}) holds no patient: every study is triaged "
+                f"CT-only until it is filled; {self.fill_hint}")
+
+    def describe(self) -> str:
+        """One line for doctor and ``hust19 lis ping``."""
+        if self.has_data is None:
+            return (f"LIS {self.url} answers ({self.source}): the query runs (a custom query "
+                    "cannot tell whether the LIS holds patients)")
+        return (f"LIS {self.url} answers ({self.source}): tables {', '.join(self.tables)}"
+                f"{' hold patients' if self.has_data else ' are empty'}")
 
 
 def resolve_url(url: str) -> URL:
@@ -230,15 +273,105 @@ class LisClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def ping(self) -> None:
-        """Check that the LIS answers (``SELECT 1``); :class:`LisError` if not."""
-        with translate_errors(self.url, "ping"), self.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The file of a SQLite LIS (``None`` for a server or an in-memory database)."""
+        database = self.url.database
+        if self.url.get_backend_name() != "sqlite" or database in (None, "", ":memory:") \
+                or str(database).startswith("file:"):
+            return None
+        return Path(str(database))
+
+    def ping(self) -> LisStatus:
+        """Check that the LIS can serve lookups: it answers and has the mapping's tables (a
+        custom query: the query runs). :class:`LisError` when it cannot (unreachable, a table
+        missing, a SQLite file that does not exist: never created here); an empty LIS is a
+        :class:`LisStatus` with a ``warning``. Used by ``hust19 doctor`` and ``/readyz``."""
+        path = self.sqlite_path
+        if path is not None and not path.is_file():
+            raise LisError(f"LIS {self.display_url}: the SQLite file {path} does not exist")
+        try:
+            conn = self.engine.connect()
+        except SQLAlchemyError as exc:
+            raise LisError(f"LIS {self.display_url} not reachable: "
+                           f"{describe_error(exc, self.url)}") from exc
+        with translate_errors(self.url, "readiness check"), conn:
+            if self.mapping.query is not None:
+                self._probe_queries(conn)
+                return LisStatus(self.display_url, self.mapping.source, (), None, "")
+            tables = self._mapped_tables()
+            found = inspect(conn)
+            missing = [_qualified(name, schema) for name, schema in tables
+                       if not found.has_table(name, schema=schema)]
+            if missing:
+                raise LisError(self._missing_tables_message(missing))
+            name, schema = tables[0]
+            has_data = conn.execute(select(text("1")).select_from(
+                table(name, schema=schema)).limit(1)).first() is not None
+        return LisStatus(self.display_url, self.mapping.source,
+                         tuple(_qualified(n, s) for n, s in tables), has_data, self._fill_hint())
 
     def create_schema(self) -> None:
         """Create the reference tables where missing (reference mapping only)."""
         with translate_errors(self.url, "creating the reference schema"):
             LisBase.metadata.create_all(self.engine)
+
+    def prepare(self) -> None:
+        """At the agent's start: a SQLite LIS read through the reference schema gets its
+        folder and tables where missing (a fresh data dir then has an empty LIS instead of
+        "no such table" at every study), then the log says what the LIS can serve. Never
+        raises for the LIS itself: triage runs CT-only while it cannot serve."""
+        path = self.sqlite_path
+        if path is not None and self.mapping.is_reference and not path.is_file():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.create_schema()
+            except (OSError, LisError) as exc:
+                logger.warning("LIS %s: cannot create it (%s)", self.display_url, exc)
+            else:
+                logger.info("LIS %s: created with the reference schema (empty)",
+                            self.display_url)
+        try:
+            status = self.ping()
+        except LisError as exc:
+            logger.warning("%s; triage is CT-only until it can serve", exc.message)
+            return
+        if status.warning:
+            logger.warning("%s", status.warning)
+        else:
+            logger.info("%s", status.describe())
+
+    def _mapped_tables(self) -> list[tuple[str, str | None]]:
+        """(table, schema) of the mapping, the one a patient shows in first: patients where
+        mapped, else results."""
+        m = self.mapping
+        out = [(t.table, t.schema) for t in (m.patients, m.results, m.aliases) if t is not None]
+        return list(dict.fromkeys(out))
+
+    def _missing_tables_message(self, missing: list[str]) -> str:
+        text_ = f"LIS {self.display_url} answers but has no table {', '.join(missing)}"
+        if self.mapping.is_reference:
+            return (f"{text_}: create the reference schema with: hust19 lis init --lis "
+                    f"{self.display_url} (or fill it: {self._fill_command()})")
+        return f"{text_}: check the table names in the LIS mapping ({self.mapping.source})"
+
+    def _fill_command(self) -> str:
+        return FILL_COMMAND.format(url=self.display_url)
+
+    def _fill_hint(self) -> str:
+        if self.mapping.is_reference:
+            return f"fill it with: {self._fill_command()}"
+        return ("check that the LIS mapping names the tables the laboratory writes to "
+                f"({self.mapping.source})")
+
+    def _probe_queries(self, conn: Any) -> None:
+        """Run the custom query (and patient query) for a Patient ID that matches nobody."""
+        params = {"patient_id": NO_PATIENT_ID, "from": FAR_PAST, "to": FAR_FUTURE}
+        for sql in (self.mapping.query, self.mapping.patient_query):
+            if sql is not None:
+                q = text(sql)
+                wanted = set(q.compile().params)
+                conn.execute(q, {k: v for k, v in params.items() if k in wanted}).first()
 
     def lookup(self, patient_id: str, study_date: datetime | date | None = None) -> LabLookup:
         """The patient's values around ``study_date`` (see the module doc for the policies).
@@ -406,6 +539,10 @@ class _Assembly:
     undated: int = 0
 
 
+def _qualified(name: str, schema: str | None) -> str:
+    return f"{schema}.{name}" if schema else name
+
+
 def _table(name: str, schema: str | None, columns: list[str]) -> TableClause:
     return table(name, *(column(c) for c in dict.fromkeys(columns)), schema=schema)
 
@@ -485,8 +622,14 @@ def _patient_values(patient: Mapping[str, Any], study_date: datetime | date | No
     return out
 
 
-def open_lis(settings: Settings) -> LisClient:
+def open_lis(settings: Settings, *, prepare: bool = True) -> LisClient:
     """The LIS the settings name: ``lis_url`` with the ``lis_mapping`` file (or the reference
-    schema) and the lab window. Raises :class:`ConfigError` for a bad mapping file."""
+    schema) and the lab window; with ``prepare`` (the agent's start) a missing SQLite LIS is
+    created with the reference schema and the log says what it holds (:meth:`LisClient.prepare`;
+    ``hust19 doctor`` passes False: it creates nothing). Raises :class:`ConfigError` for a
+    bad mapping file."""
     mapping = LisMapping.load(settings.lis_mapping) if settings.lis_mapping else None
-    return LisClient(settings.lis_url, mapping, window_days=settings.lis_window_days)
+    client = LisClient(settings.lis_url, mapping, window_days=settings.lis_window_days)
+    if prepare:
+        client.prepare()
+    return client

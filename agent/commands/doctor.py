@@ -29,7 +29,17 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{_MARK[f.level]} {f.check}: {f.message}")
     failed = [f for f in findings if f.level == "fail"]
+    warned = [f for f in findings if f.level == "warn"]
     if not args.json:
-        print(f"\n{len(failed)} problem(s) found." if failed else "\nEverything needed is in "
-              "place.")
+        print("\n" + summary(len(failed), len(warned)))
     return 1 if failed else 0
+
+
+def summary(failed: int, warned: int) -> str:
+    """The last line: "everything in place" only when nothing failed and nothing warned."""
+    if failed:
+        return f"{failed} problem(s) found" + (f", and {warned} warning(s)." if warned else ".")
+    if warned:
+        return (f"No problem stops the agent; read the {warned} warning(s) above: not "
+                "everything is in place.")
+    return "Everything needed is in place."

@@ -1,5 +1,6 @@
-"""``hust19 lis {import-ictcf,show,ping}``: load the iCTCF clinical data into a LIS database
-(reference schema, any SQLAlchemy URL), print one patient's lookup as JSON, check the LIS.
+"""``hust19 lis {import-ictcf,init,show,ping}``: load the iCTCF clinical data into a LIS
+database (reference schema, any SQLAlchemy URL), create the empty reference schema, print one
+patient's lookup as JSON, check the LIS (answers, has its tables, holds patients).
 
 The import keeps every value as printed (``value_raw``, qualifier, the printed range); the
 number, the range bounds and the unit are split out of the printed text, never converted. It
@@ -239,14 +240,29 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _cmd_ping(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        client.ping()
-        print(f"LIS {client.display_url} answers ({client.mapping.source})")
+        status = client.ping()
+    print(status.describe())
+    if status.warning:
+        print(f"warning: {status.warning}")
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    _sqlite_parent(settings.lis_url)
+    with LisClient(settings.lis_url) as client:
+        client.create_schema()
+        status = client.ping()
+    print(f"reference schema in place: {status.describe()}")
+    if status.warning:
+        print(f"warning: {status.warning}")
     return 0
 
 
 def register(sub: Any) -> None:
     """Add ``hust19 lis``."""
-    parser = sub.add_parser("lis", help="the laboratory information system: import, show, ping")
+    parser = sub.add_parser("lis", help="the laboratory information system: import, init, "
+                            "show, ping")
     inner = parser.add_subparsers(dest="lis_command", metavar="ACTION", required=True)
 
     p = inner.add_parser("import-ictcf", help="load the iCTCF clinical data into a LIS database")
@@ -261,9 +277,15 @@ def register(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_import)
 
+    p = inner.add_parser("init", help="create the reference schema's tables where missing "
+                         "(empty; import-ictcf also creates them)")
+    _lis_args(p)
+    p.set_defaults(func=_cmd_init)
+
     for name, func, help_text in (
             ("show", _cmd_show, "print a patient's LIS lookup as JSON"),
-            ("ping", _cmd_ping, "check that the LIS answers")):
+            ("ping", _cmd_ping, "check that the LIS answers, has its tables and holds "
+             "patients")):
         q = inner.add_parser(name, help=help_text)
         if name == "show":
             q.add_argument("patient_id", help="DICOM PatientID / MRN (or an alias)")
