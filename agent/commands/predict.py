@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Final
 
@@ -67,23 +68,33 @@ def read_series(folder: Path) -> tuple[list[Any], list[str]]:
     if not files:
         raise InputError(f"{folder}: empty folder, no DICOM file to triage")
     datasets, names = [], []
+    skipped: Counter[str] = Counter()
     for path in files:
+        reason = None
         try:
             ds = pydicom.dcmread(path)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            log.warning("%s: skipped, not a readable DICOM file (%s)", path.name, exc)
-            continue
-        modality = str(ds.get("Modality", "") or "")
-        if "PixelData" not in ds:
-            log.warning("%s: skipped, no pixel data", path.name)
-            continue
-        if modality and modality != CT_MODALITY:
-            log.warning("%s: skipped, modality %s is not CT", path.name, modality)
+        except InvalidDicomError:  # pydicom's text ends "Use force=True": not for a CLI user
+            reason, detail = "not DICOM", "not a DICOM file (no preamble and 'DICM' prefix)"
+        except OSError as exc:
+            reason, detail = "unreadable", f"cannot be read ({exc.strerror or exc})"
+        except (ValueError, EOFError) as exc:
+            damage = str(exc).split(". Use force")[0]  # no library hints for a CLI user
+            reason, detail = "damaged DICOM", f"a damaged DICOM file ({damage})"
+        else:
+            modality = str(ds.get("Modality", "") or "")
+            if "PixelData" not in ds:
+                reason, detail = "without pixel data", "no pixel data"
+            elif modality and modality != CT_MODALITY:
+                reason, detail = "not CT", f"modality {modality} is not CT"
+        if reason is not None:
+            log.warning("%s: skipped, %s", path.name, detail)
+            skipped[reason] += 1
             continue
         datasets.append(ds)
         names.append(path.name)
     if not datasets:
-        raise InputError(f"{folder}: no CT image among {len(files)} file(s)")
+        counts = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
+        raise InputError(f"{folder}: no CT image among {len(files)} file(s) ({counts})")
     return datasets, names
 
 

@@ -30,7 +30,9 @@ def test_folder_without_dicom_exits_2(tmp_path: Path) -> None:
     proc = _predict(str(tmp_path))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert "no CT image" in proc.stderr
+    assert "no CT image among 1 file(s) (1 not DICOM)" in proc.stderr
+    assert "notes.txt: skipped, not a DICOM file" in proc.stderr
+    assert "force" not in proc.stderr  # pydicom's hint is not for a CLI user
 
 
 @pytest.mark.slow
