@@ -24,6 +24,7 @@ from tests.fixtures.dicom import (
     SAMPLE,
     dcmtk,
     free_port,
+    linked_lis,
     read_topic,
     run_storescu,
     wait_for,
@@ -52,12 +53,12 @@ def _metric(text: str, name: str, labels: str = "") -> float:
 
 def test_health_ready_and_metrics_during_an_end_to_end_run(
         running_agent: Callable[..., Agent], storescp: Callable[..., tuple[int, Path]],
-        tmp_path: Path) -> None:
+        tmp_path: Path, shared_data: Path) -> None:
     pacs_port, pacs_dir = storescp(aet="PACS")
     http = free_port()
     agent = running_agent(roles=ALL_ROLES, pacs=[f"127.0.0.1:{pacs_port}:PACS"],
                           http_port=http, series_quiet_s=1.0,
-                          lis=f"sqlite:///{tmp_path / 'lis.sqlite'}")
+                          lis=linked_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data))
     base = f"http://127.0.0.1:{http}"
     assert _get(base + "/healthz") == (200, '{"status":"ok"}\n')
     files = sorted(SAMPLE.glob("*.dcm"))
@@ -229,11 +230,13 @@ def test_doctor_warns_when_no_group_consumes_what_retention_will_delete(
 
 
 def test_sigterm_during_a_series_loses_nothing_and_sends_one_sr(
-        storescp: Callable[..., tuple[int, Path]], tmp_path: Path) -> None:
+        storescp: Callable[..., tuple[int, Path]], tmp_path: Path, shared_data: Path) -> None:
     pacs_port, pacs_dir = storescp(aet="PACS")
     data, port = tmp_path / "data", free_port()
+    lis = linked_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data)  # the SR needs labs
     args = ["serve", "--data-dir", str(data), "--port", str(port), "--host", "127.0.0.1",
-            "--series-quiet-s", "4", "--pacs", f"127.0.0.1:{pacs_port}:PACS", "--log-json"]
+            "--series-quiet-s", "4", "--pacs", f"127.0.0.1:{pacs_port}:PACS", "--lis", lis,
+            "--log-json"]
     log1 = tmp_path / "serve1.log"
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], stdout=log1.open("wb"),
                             stderr=subprocess.STDOUT, env={**os.environ,

@@ -152,6 +152,9 @@ def test_demo_triages_the_sample_and_shows_the_sr(tmp_path: Path) -> None:
     assert "=== triage result (topic triage.results) ===" in out
     assert "(30 instances)" in out
     assert re.search(r"FLAG: (control|Type I|Type II)", out)
-    assert "modalities: CT yes" in out and "labs yes" in out and "fusion plr" in out
+    # 8 mm slices: lungs measured, no involvement; the flag from the labs, saying why
+    assert "quantitative CT (29 slices with lung; severity not measured)" in out
+    assert "modalities: CT no (slices 8 mm thick" in out and "labs yes" in out
+    assert "fusion cf_only" in out and "patient CNN" in out
     assert "=== the SR that arrived at the PACS" in out
     assert "Comprehensive SR Document" in out and "HUST-19 triage category" in out

@@ -21,10 +21,13 @@ from agent.commands.lis import import_ictcf
 from schemas import topics
 from schemas.messages import DeadLetter, EvidenceThumbnails, TriageResult
 from tests.fixtures.dicom import (
+    LINKED_ICTCF_PATIENT,
     SAMPLE,
+    SAMPLE_PATIENT,
     copy_series,
     dcmtk,
     free_port,
+    linked_lis,
     read_topic,
     run_storescu,
     stop_process,
@@ -33,9 +36,7 @@ from tests.fixtures.kafka import kafka_test_overrides
 
 pytestmark = pytest.mark.slow
 
-SAMPLE_PATIENT = "Lung_Dx-A0002"
 NORMAL_PATIENT = "99C628-ASAD"
-LINKED_ICTCF_PATIENT = "778"
 SR_WAIT_S = 90.0
 
 
@@ -62,12 +63,6 @@ def _sr_files(pacs_dir: Path, timeout_s: float = SR_WAIT_S, count: int = 1) -> l
 def _results(agent: Agent, count: int) -> list[TriageResult]:
     return [TriageResult.model_validate_json(m.value)
             for m in read_topic(agent.bus, topics.TRIAGE_RESULTS, count, SR_WAIT_S)]
-
-
-def _demo_lis(url: str, shared_data: Path, patient: str = SAMPLE_PATIENT) -> str:
-    import_ictcf(shared_data / "ictcf", url, patient_ids=[LINKED_ICTCF_PATIENT],
-                 aliases={patient: LINKED_ICTCF_PATIENT})
-    return url
 
 
 def _dsrdump_ok(path: Path) -> str:
@@ -103,7 +98,7 @@ def test_series_to_sr_at_pacs_on_embedded_bus_with_sqlite_lis(
     the CF model and the fusion rule in the result, the measurements in the SR, the evidence
     thumbnails on their topic."""
     pacs_port, pacs_dir = storescp(aet="PACS")
-    lis = _demo_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data, NORMAL_PATIENT)
+    lis = linked_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data, NORMAL_PATIENT)
     agent = running_agent(roles=ALL_ROLES, pacs=[f"127.0.0.1:{pacs_port}:PACS"], lis=lis,
                           allow_ae=["STORESCU"], series_quiet_s=1.0)
     files = _normal_files(chest_series)
@@ -155,7 +150,7 @@ def test_thick_sample_series_is_triaged_on_labs_saying_why_ct_was_not(
     """The repository's 8 mm sample: lungs measured, no involvement (slices too thick), the
     flag from the labs, the patient CNN still reported."""
     pacs_port, pacs_dir = storescp(aet="PACS")
-    lis = _demo_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data)
+    lis = linked_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data)
     agent = running_agent(roles=ALL_ROLES, pacs=[f"127.0.0.1:{pacs_port}:PACS"], lis=lis,
                           series_quiet_s=1.0)
     assert run_storescu(_sample_files(), agent.port, "HUST19").returncode == 0
@@ -221,7 +216,7 @@ def test_two_workers_in_one_group_on_kafka_with_postgres_lis(
     for key, value in kafka_test_overrides().items():
         monkeypatch.setenv(f"HUST19_KAFKA_{key.upper()}", str(value))
     pacs_port, pacs_dir = storescp(aet="PACS")
-    lis = _demo_lis(postgres_url, shared_data)
+    lis = linked_lis(postgres_url, shared_data)
     common = {"bus": fresh_kafka_broker, "lis": lis, "pacs": [f"127.0.0.1:{pacs_port}:PACS"],
               "series_quiet_s": 1.0}
     workers = [running_agent(roles=frozenset({ROLE_WORKER}), **common) for _ in range(2)]
@@ -298,7 +293,7 @@ def test_kill9_worker_mid_series_gives_exactly_one_sr(
     processes.append(_spawn(["ingest", "--data-dir", str(data), "--port", str(port),
                              "--host", "127.0.0.1", "--series-quiet-s", "3"],
                             tmp_path / "ingest.log"))
-    lis = _demo_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data)  # the SR needs labs
+    lis = linked_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data)  # the SR needs labs
     worker_args = ["worker", "--data-dir", str(data), "--pacs", f"127.0.0.1:{pacs_port}:PACS",
                    "--lis", lis, "--log-level", "DEBUG"]
     http = free_port()
@@ -343,7 +338,7 @@ def test_labs_that_arrive_later_are_a_new_revision_with_a_new_sr_naming_the_firs
     assert first.availability is not None and not first.availability.cf
     assert first.availability.cf_reason == "patient not found in the LIS"
     assert first.revision == 1 and first.sr_sop_instance_uid is not None
-    _demo_lis(lis, shared_data, NORMAL_PATIENT)  # the labs (the alias) arrive
+    linked_lis(lis, shared_data, NORMAL_PATIENT)  # the labs (the alias) arrive
     first_again, second = _results(agent, 2)
     assert first_again == first
     assert second.result_id == first.result_id and second.revision == 2
