@@ -208,14 +208,7 @@ def test_a_slow_pacs_gets_the_sr_once(tmp_path: Path, shared_data: Path) -> None
     assert sum(1 for p in pacs_dir.iterdir() if p.name.startswith("SR")) == 1
 
 
-WAITS_ON_ONE_RESULT = (
-    "waits on the lead's part of issue 20 (agent/worker.py: no duplicate result on a worker "
-    "crash, one current SR per series): measured 2026-12-06 with a kill right after the SR "
-    "was queued, the same result (result_id, revision 1) was twice on triage.results")
-
-
-@pytest.mark.parametrize("after_ms", [pytest.param(0, marks=pytest.mark.skip(
-    reason=WAITS_ON_ONE_RESULT)), 150])
+@pytest.mark.parametrize("after_ms", [0, 150])
 def test_kill9_of_the_worker_once_its_sr_is_queued_gives_one_sr_and_one_result(
         after_ms: int, tmp_path: Path, shared_data: Path, pacs: tuple[int, Path]) -> None:
     """SIGKILL of the worker ``after_ms`` after it queued the series' SR (before or after its
