@@ -74,9 +74,13 @@ class StoreScp:
         return PacsDestination(host="127.0.0.1", port=self.port, ae_title=PACS_AET)
 
     def start(self) -> StoreScp:
+        return self.start_with()
+
+    def start_with(self, *extra: str) -> StoreScp:
+        """Start it with ``extra`` storescp options (e.g. ``--sleep-during 2``)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         cmd = [dcmtk("storescp"), "--aetitle", PACS_AET, "--output-directory", str(self.out_dir),
-               "+uf", "--filename-extension", ".dcm", "+xa"]
+               "+uf", "--filename-extension", ".dcm", "+xa", *extra]
         if self.refuse:
             cmd.append("--refuse")
         if self.abort_after:
@@ -449,3 +453,19 @@ def test_from_settings_uses_the_data_dir_outbox(tmp_path: Path) -> None:
     assert (tmp_path / OUTBOX_SUBDIR / OBJECTS_DIR).is_dir()
     assert sender.pending_count() == 0
     assert len(list((tmp_path / OUTBOX_SUBDIR / "pending").iterdir())) == 2
+
+
+def test_a_slow_pacs_gets_the_sr_once(storescp: Callable[..., StoreScp], sr: Dataset,
+                                      tmp_path: Path) -> None:
+    """dcmtk storescp sleeping 2 s inside the C-STORE (``--sleep-during``): the SR is stored,
+    once (``+uf`` would show a second arrival), within the sender's timeout."""
+    pacs = StoreScp(port=free_port(), out_dir=tmp_path / "slow")
+    pacs.start_with("--sleep-during", "2")
+    try:
+        sender = PacsSender([pacs.destination], tmp_path / "outbox", CALLING_AET, timeout_s=10)
+        sender.enqueue(sr)
+        assert sender.send_pending_once() == 1
+        assert sender.pending_count() == 0
+    finally:
+        pacs.stop()
+    assert len(pacs.received()) == 1
