@@ -156,6 +156,11 @@ class Settings(BaseModel):
                                                         "threshold sets the flag.")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
         "auto", description="Inference backend; auto = TensorRT when a GPU is usable.")
+    series_volume_mib: int = Field(512, ge=16, description="The quantitative CT keeps each "
+                                   "slice's HU (0.5 MiB per 512 x 512 slice) until the series "
+                                   "completes; a series larger than this is not measured (its "
+                                   "CT side says why). Measuring takes about 2.5 times this "
+                                   "more, briefly.")
     ct_source: Literal["quantitative", "patient_cnn"] = Field(
         "quantitative", description="Which model gives the CT scores the fusion uses: the "
         "quantitative CT (lung involvement in HU) or the HUST-19 patient CNN (a site-trained "

@@ -104,6 +104,7 @@ FINISHED_VOLUME_BYTES: Final = 1 << 30
 """HU volumes of finished series kept for re-completion, at most this much in all (the oldest
 are released first; a late instance for a released series keeps its quantitative CT)."""
 POLL_TIMEOUT_S: Final = 0.5
+MIB: Final = 1 << 20
 LAG_INTERVAL_S: Final = 5.0
 LAB_KINDS: Final = ("lab",)
 PIXEL_DATA_GROUP: Final = 0x7FE00000
@@ -361,7 +362,8 @@ class TriageWorker:
                 st = SeriesState(series_uid, SeriesScorer(
                     self.models.slice, self.models.patient, series_uid,
                     evidence_model=self.models.evidence, ct_source=self.settings.ct_source,
-                    xp=self.models.xp))
+                    xp=self.models.xp,
+                    max_volume_bytes=self.settings.series_volume_mib * MIB))
             self._active[series_uid] = st
         return st
 
@@ -375,8 +377,13 @@ class TriageWorker:
             self._tracker.read(tp, msg.offset, in_flight=False)
             self._dead_letter(msg, f"instance is not readable DICOM: {exc}", exc)
             return
-        sop_uid = str(ds.get("SOPInstanceUID", "") or "")
-        series_uid = str(ds.get("SeriesInstanceUID", "") or series_uid)
+        try:
+            sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+            series_uid = str(ds.get("SeriesInstanceUID", "") or series_uid)
+        except Exception as exc:  # pydicom cannot walk every dataset (an unknown VR, ...)
+            self._tracker.read(tp, msg.offset, in_flight=False)
+            self._dead_letter(msg, f"instance cannot be read: {type(exc).__name__}: {exc}", exc)
+            return
         if not sop_uid or not series_uid:
             self._tracker.read(tp, msg.offset, in_flight=False)
             self._dead_letter(msg, "instance lacks SOPInstanceUID or SeriesInstanceUID", None)
@@ -392,15 +399,22 @@ class TriageWorker:
         received = _header_time(msg) or datetime.now(UTC)
         st.first_received = min(st.first_received or received, received)
         st.last_received = max(st.last_received or received, received)
-        if st.header is None:
-            st.header = self._header_of(ds)
-            st.study_uid = str(ds.get("StudyInstanceUID", "") or "")
-            st.skip_reason = self._not_applicable(ds)
-            if st.skip_reason:
-                log.info("series %s: %s; it will be skipped", series_uid, st.skip_reason)
+        try:
+            if st.header is None:
+                st.header = self._header_of(ds)
+                st.study_uid = str(ds.get("StudyInstanceUID", "") or "")
+                st.skip_reason = self._not_applicable(ds)
+                if st.skip_reason:
+                    log.info("series %s: %s; it will be skipped", series_uid, st.skip_reason)
+            image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+        except Exception as exc:  # pydicom cannot walk every dataset (an unknown VR, ...)
+            st.header = None
+            st.dead += 1
+            self._dead_letter(msg, f"instance {sop_uid} of series {series_uid} cannot be read: "
+                              f"{type(exc).__name__}: {exc}", exc, series_uid=series_uid)
+            return
         if st.skip_reason:
             return
-        image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
         if "LOCALIZER" in image_type:
             st.localizers += 1
             return

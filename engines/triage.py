@@ -149,7 +149,8 @@ class SeriesScorer:
     def __init__(self, slice_model: SliceModel, patient_model: PatientModel,
                  series_uid: str = "", k: int = TOP_K, *,
                  evidence_model: EvidenceModel | None = None,
-                 ct_source: CtSource = "quantitative", xp: Any = None) -> None:
+                 ct_source: CtSource = "quantitative", xp: Any = None,
+                 max_volume_bytes: int | None = None) -> None:
         if ct_source not in CT_SOURCES:
             raise InputError(f"CT source {ct_source!r} is not one of {', '.join(CT_SOURCES)}")
         self.slice_model = slice_model
@@ -169,6 +170,8 @@ class SeriesScorer:
         self._result: CtResult | None = None
         self._last: CtResult | None = None
         self._released = False
+        self.max_volume_bytes = max_volume_bytes
+        self._too_large: str | None = None
 
     @property
     def n_slices(self) -> int:
@@ -178,6 +181,19 @@ class SeriesScorer:
     def volume_bytes(self) -> int:
         """Memory held by the kept HU slices."""
         return sum(int(h.nbytes) for h in self._hu)
+
+    def _check_budget(self) -> None:
+        """Past ``max_volume_bytes`` the series is not measured: its HU is dropped and the
+        quantitative CT says why (memory per series stays bounded)."""
+        if self.max_volume_bytes is None or self._too_large is not None:
+            return
+        held = self.volume_bytes
+        if held > self.max_volume_bytes:
+            self._too_large = (f"series larger than the quantitative CT's memory budget "
+                               f"({len(self._hu)} slices, {held / (1 << 20):.0f} MiB > "
+                               f"{self.max_volume_bytes / (1 << 20):.0f} MiB): not measured")
+            log.warning("series %s: %s", self.series_uid, self._too_large)
+            self.release()
 
     def release(self) -> None:
         """Drop the kept HU slices (memory). A later :meth:`finish` after more slices keeps
@@ -201,6 +217,7 @@ class SeriesScorer:
                 self._hu.append(it.hu)
                 self._headers.append(it.header)
                 self._hu_uids.append(it.uid)
+                self._check_budget()
             if s.nict <= self.slice_model.nict_max:
                 # ties on pCT: the earlier slice (smaller order key) ranks higher
                 entry = (s.pct, -s.order_key, self._seq, s.uid, s.order_key, ext.crop)
@@ -223,6 +240,8 @@ class SeriesScorer:
                                 for i, ds in enumerate(datasets)])
 
     def _analyse(self) -> tuple[CtAnalysis | None, str | None]:
+        if self._too_large is not None:
+            return None, self._too_large
         if self.evidence_model is None or not self._hu:
             return None, "no quantitative CT (no HU slices or no evidence model)"
         try:
@@ -240,7 +259,7 @@ class SeriesScorer:
             return self._result
         chosen = sorted(self._heap, key=lambda e: e[4])
         previous = self._last
-        if self._released and previous is not None:
+        if self._released and previous is not None and self._too_large is None:
             log.warning("series %s: slices arrived after the series' volume was released; "
                         "the quantitative CT of the last completion is kept", self.series_uid)
             analysis, quant_reason = previous.analysis, previous.reason

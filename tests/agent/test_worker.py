@@ -177,9 +177,14 @@ def test_bad_input_is_skipped_or_dead_lettered_and_the_pipeline_goes_on(
                           lis="postgresql+psycopg://nobody@127.0.0.1:1/none",
                           series_quiet_s=1.0)
     garbage = b"this is not DICOM at all"
+    raw = _sample_files()[0].read_bytes()
+    modality = raw.find(b"\x08\x00\x60\x00CS")  # (0008,0060) Modality, explicit VR
+    unknown_vr = raw[:modality + 4] + b"ZZ" + raw[modality + 6:]
     producer = agent.bus.producer()
     producer.send(topics.DICOM_INSTANCES, b"1.2.3.4", garbage,
                   [(topics.H_SERIES_UID, b"1.2.3.4")])
+    producer.send(topics.DICOM_INSTANCES, b"1.2.3.5", unknown_vr,
+                  [(topics.H_SERIES_UID, b"1.2.3.5")])
     producer.flush()
     producer.close()
     head = copy_series(tmp_path / "head", BodyPartExamined="HEAD")
@@ -187,11 +192,13 @@ def test_bad_input_is_skipped_or_dead_lettered_and_the_pipeline_goes_on(
     for files in (head, short, _sample_files()):
         assert run_storescu(files, agent.port, "HUST19").returncode == 0
 
-    (dead,) = [DeadLetter.model_validate_json(m.value)
-               for m in read_topic(agent.bus, topics.TRIAGE_DLQ, 1, SR_WAIT_S)]
+    dead, unreadable = [DeadLetter.model_validate_json(m.value)
+                        for m in read_topic(agent.bus, topics.TRIAGE_DLQ, 2, SR_WAIT_S)]
     assert "not readable DICOM" in dead.reason
     assert base64.b64decode(dead.value_b64) == garbage
     assert dead.source_topic == topics.DICOM_INSTANCES
+    assert "cannot be read: NotImplementedError" in unreadable.reason
+    assert "'ZZ'" in unreadable.reason
 
     results = {r.series_uid: r for r in _results(agent, 3)}
     head_uid = pydicom.dcmread(head[0], stop_before_pixels=True).SeriesInstanceUID

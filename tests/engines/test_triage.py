@@ -161,3 +161,21 @@ def test_quantitative_ct_is_the_same_whatever_the_arrival_order(
     many.add_slices(shuffled[:1])  # a late (here: repeated) slice after the release
     c = many.finish()
     assert c is not b and c.analysis is b.analysis, "the released volume's CT is kept"
+
+
+def test_a_series_past_the_memory_budget_is_not_measured_and_says_why(
+        models: tuple[SliceModel, PatientModel], p002_inputs: list[SliceInput],
+        chest_series: Path) -> None:
+    """The HU kept per series is bounded: past the budget it is dropped, the quantitative CT
+    gives a reason, and the CNN path still runs."""
+    files = sorted((chest_series / "P002").iterdir())[40:52]
+    inputs = [slice_input(pydicom.dcmread(f), f.name, series_uid="P002") for f in files]
+    one_slice = inputs[0].hu.nbytes if inputs[0].hu is not None else 0
+    scorer = SeriesScorer(*models, series_uid="P002", evidence_model=EvidenceModel.load(),
+                          max_volume_bytes=5 * one_slice)
+    scorer.add_slices(inputs)
+    assert scorer.volume_bytes == 0
+    result = scorer.finish()
+    assert result.analysis is None and result.proba is None
+    assert result.reason is not None and "memory budget" in result.reason
+    assert result.cnn_proba is not None
