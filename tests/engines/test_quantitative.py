@@ -166,3 +166,32 @@ def test_the_thick_lung_cancer_series_has_lungs_but_no_involvement(
     assert 2300 <= analysis.quant.lungs.volume_ml <= 3200
     assert analysis.stage is None and analysis.reason is not None
     assert "8 mm thick" in analysis.reason
+
+
+def test_a_tilted_series_is_ordered_along_the_normal_and_measured_with_a_warning(
+        clear: Phantom) -> None:
+    """Gantry tilt: the slice positions step off the slice normal; the order is along the
+    normal, the volume is right under the shear, and the result says the series was tilted."""
+    import pydicom
+
+    from engines import volume as volume_mod
+
+    headers, pixels, keys = [], [], []
+    order = np.random.default_rng(5).permutation(len(clear.hu))
+    for i in order:  # any arrival order
+        ds = pydicom.Dataset()
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.35 * i, -SLICE_MM * i]  # 10 degrees of shear
+        ds.PixelSpacing = [PIXEL_MM, PIXEL_MM]
+        ds.SliceThickness = SLICE_MM
+        headers.append(ds)
+        pixels.append(clear.hu[i])
+        keys.append(f"s{i}")
+    vol = volume_mod.assemble(headers, pixels, keys, "tilted")
+    assert vol.order.tilt and any("gantry tilt" in w for w in vol.warnings)
+    assert vol.keys == tuple(f"s{i}" for i in range(len(clear.hu)))
+    assert vol.slice_mm == pytest.approx(SLICE_MM)
+    analysis = ct_analysis.analyse(vol, EvidenceModel.load())
+    assert analysis.stage is not None and analysis.quant.lungs is not None
+    assert analysis.quant.lungs.volume_ml == pytest.approx(clear.lung_ml, rel=0.03)
+    assert any("gantry tilt" in w for w in analysis.warnings)
