@@ -1,72 +1,32 @@
 """Inference backends behind one small interface, chosen by a factory.
 
 A backend runs one ONNX model: ``run(inputs) -> outputs`` on NumPy arrays, with a dynamic
-batch dimension. ONNX Runtime on CPU is the default and always available; the TensorRT backend
-(``engines.tensorrt_backend``) implements the same interface on NVIDIA GPUs and is imported
-lazily so that nothing GPU-related is loaded on a CPU box.
+batch dimension. The interface (:class:`InferenceBackend`, :class:`TensorSpec`) lives in
+``engines.inference``, which every backend imports; this module holds the ONNX Runtime backend
+(CPU, the default, always available) and the factory :func:`create_backend`. The TensorRT
+backend (``engines.tensorrt_backend``) implements the same interface on NVIDIA GPUs and is
+imported lazily, by the factory only, so that nothing GPU-related is loaded on a CPU box and
+no backend imports this module (no import circle).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from engines.inference import BackendName, InferenceBackend, TensorSpec
 from schemas.errors import BackendUnavailable, EngineError
+
+__all__ = ["BackendName", "InferenceBackend", "OnnxRuntimeBackend", "create_backend",
+           "tensorrt_usable"]
+"""The interface's names stay importable from here: the models import them with the factory."""
 
 log = logging.getLogger(__name__)
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
-
-BackendName = Literal["auto", "onnxruntime", "tensorrt"]
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, shape (``-1`` for dynamic) and NumPy dtype of a model input or output."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-
-class InferenceBackend(ABC):
-    """One loaded model. Thread-compatible, not thread-safe: one instance per worker."""
-
-    name: str = "abstract"
-
-    @property
-    @abstractmethod
-    def inputs(self) -> list[TensorSpec]: ...
-
-    @property
-    @abstractmethod
-    def outputs(self) -> list[TensorSpec]: ...
-
-    @abstractmethod
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run a batch; raises :class:`EngineError` on failure."""
-
-    def run1(self, x: np.ndarray) -> np.ndarray:
-        """Convenience for single-input, single-output models."""
-        return self.run({self.inputs[0].name: x})[self.outputs[0].name]
-
-    def close(self) -> None:
-        """Release resources (device memory, sessions)."""
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file (model checksums, engine cache keys)."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class OnnxRuntimeBackend(InferenceBackend):

@@ -26,8 +26,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from engines.backends import file_sha256
 from engines.engine_cache import atomic_write_bytes
+from engines.inference import file_sha256
 from schemas.errors import EngineError
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Final
 
 from engines import MODELS_DIR
-from engines.backends import file_sha256
+from engines.inference import file_sha256
 
 MANIFEST_NAME: Final = "MANIFEST.json"
 SHIPPED_SUFFIXES: Final = (".onnx", ".json")

@@ -18,7 +18,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from engines.backends import BackendName, InferenceBackend, create_backend
+from engines.backends import create_backend
+from engines.inference import BackendName, InferenceBackend
 from engines.slice_model import MODELS_DIR, NICT, PCT, U8_SCALE, load_metadata
 from schemas.errors import EngineError
 

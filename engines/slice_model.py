@@ -14,7 +14,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from engines.backends import BackendName, InferenceBackend, create_backend, file_sha256
+from engines.backends import create_backend
+from engines.inference import BackendName, InferenceBackend, file_sha256
 from schemas.errors import EngineError
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """TensorRT backend: ONNX -> cached TensorRT engine, run through pycuda.
 
-Implements :class:`engines.backends.InferenceBackend` on an NVIDIA GPU. Nothing here imports
+Implements :class:`engines.inference.InferenceBackend` on an NVIDIA GPU. Nothing here imports
 TensorRT or pycuda at module import time: :func:`probe` only looks for the packages and asks
 :mod:`engines.gpu_probe` (a child process) for a GPU, and :class:`TensorRTBackend` imports them
 in its constructor, turning every failure into :class:`BackendUnavailable` so that
@@ -42,9 +42,9 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
-from engines.backends import InferenceBackend, TensorSpec, file_sha256
 from engines.engine_cache import EngineCache, EngineKey, ProfileShape
 from engines.gpu_probe import gpu_status, probe_gpu
+from engines.inference import InferenceBackend, TensorSpec, file_sha256
 from schemas.errors import BackendUnavailable, EngineError
 
 log = logging.getLogger(__name__)

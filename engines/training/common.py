@@ -24,7 +24,8 @@ from torch import nn
 from tqdm import tqdm
 
 from engines import networks
-from engines.backends import OnnxRuntimeBackend, file_sha256
+from engines.backends import OnnxRuntimeBackend
+from engines.inference import file_sha256
 from schemas.errors import EngineError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from engines.backends import OnnxRuntimeBackend, file_sha256
+from engines.backends import OnnxRuntimeBackend
+from engines.inference import file_sha256
 from engines.networks import PATIENT_CLASSES
 from engines.slice_model import MODELS_DIR
 from engines.training import common
