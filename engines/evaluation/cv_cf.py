@@ -168,6 +168,8 @@ def cross_validate(data: training.Dataset, config: training.TrainConfig, folds: 
             runs.append(fold_measures(data.y[te], held.shipped[te]))
             bar.set_postfix(auc=f"{runs[-1]['auc']['covid_vs_control']:.3f}")
         pooled.append(fold_measures(data.y, held.shipped)["auc"])
+        log.info("repeat %d of %d: pooled held-out COVID-vs-control AUC %.3f", r + 1, repeats,
+                 pooled[-1]["covid_vs_control"] or float("nan"))
         calibration.append(held.calibration(data.y))
         sensitive.append(held.sensitive(data.y))
         temperatures += held.temperatures
@@ -220,6 +222,8 @@ def hospital_grouped(data: training.Dataset, config: training.TrainConfig, *,
             "sensitive_cut_from_training_hospital": held.sensitive(data.y, te),
             "calibration": held.calibration(data.y, te),
         }
+        log.info("%s: COVID-vs-control AUC %.3f (%d -> %d patients)", name,
+                 directions[name]["auc"]["covid_vs_control"] or float("nan"), len(tr), len(te))
         if out is not None:
             png = out / f"cf-roc-grouped-{_slug(train_h)}.png"
             curves = {c: (y_te == i, proba[:, i]) for i, c in enumerate(CLASSES)}
