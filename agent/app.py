@@ -4,7 +4,7 @@ Roles:
 
 * ``ingest``: spool (index + quarantine) -> bus -> outbox (+ series tracker) -> Storage SCP.
 * ``worker``: the PACS sender (SR outbox), the LIS client, the models and the triage worker
-  (:mod:`agent.worker`).
+  (:mod:`agent.triage.worker`).
 
 ``hust19 serve`` runs both in one process; ``hust19 ingest`` and ``hust19 worker`` run them
 apart. With ``http_port`` set, ``/healthz``, ``/readyz`` and ``/metrics`` are served too.
@@ -25,21 +25,22 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Final, Protocol
 
-from agent.bus import Bus, open_bus
+from agent.bus.factory import open_bus
+from agent.bus.interface import Bus
 from agent.config import Settings
 from agent.durable import free_bytes
-from agent.http import HealthServer, ReadinessCheck
-from agent.ingest import StorageSCP
-from agent.metrics import Metrics
-from agent.outbox import Outbox
-from agent.series import RELEASED_FILE, SeriesTracker
-from agent.spool import InstanceInfo, Spool, SpoolError, StoreOutcome, spool_disk_bytes
+from agent.ingest.outbox import Outbox
+from agent.ingest.scp import StorageSCP
+from agent.ingest.series import RELEASED_FILE, SeriesTracker
+from agent.ingest.spool import InstanceInfo, Spool, SpoolError, StoreOutcome, spool_disk_bytes
+from agent.ops.http import HealthServer, ReadinessCheck
+from agent.ops.metrics import Metrics
 from schemas.errors import EngineError
 
 if TYPE_CHECKING:
-    from agent.lis import LisClient
-    from agent.pacs import BusDeadLetters, PacsSender
-    from agent.worker import TriageWorker
+    from agent.triage.lis import LisClient
+    from agent.triage.pacs import BusDeadLetters, PacsSender
+    from agent.triage.worker import TriageWorker
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +140,9 @@ class Agent:
             raise
 
     def _start_worker(self) -> None:
-        from agent.lis import open_lis
-        from agent.pacs import BusDeadLetters, PacsSender
-        from agent.worker import TriageModels, TriageWorker
+        from agent.triage.lis import open_lis
+        from agent.triage.pacs import BusDeadLetters, PacsSender
+        from agent.triage.worker import TriageModels, TriageWorker
 
         s = self.settings
         self._dead_letters = BusDeadLetters(self.bus, self.metrics)
@@ -165,7 +166,7 @@ class Agent:
         if self.lis is not None:
             checks["lis"] = self.lis.ping
         if self.pacs is not None:
-            from agent.pacs import verify
+            from agent.triage.pacs import verify
 
             for dest in self.settings.pacs:  # takes our AE title and the SR SOP class
                 checks[f"pacs {dest}"] = partial(verify, dest, self.settings.ae_title,

@@ -202,7 +202,7 @@ class Settings(BaseModel):
 
     @property
     def kafka_client_settings(self) -> dict[str, Any]:
-        """The kafka-python settings these fields stand for (see :mod:`agent.bus_kafka`)."""
+        """The kafka-python settings these fields stand for (see :mod:`agent.bus.kafka`)."""
         out: dict[str, Any] = {"session_timeout_ms": self.kafka_session_timeout_ms,
                                "heartbeat_interval_ms": self.kafka_heartbeat_interval_ms,
                                "max_poll_interval_ms": self.kafka_max_poll_interval_ms}

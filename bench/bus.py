@@ -24,9 +24,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.bus import Bus  # noqa: E402
-from agent.bus_embedded import EmbeddedBus  # noqa: E402
-from agent.bus_kafka import KafkaBus, crc32c_is_native  # noqa: E402
+from agent.bus.embedded import EmbeddedBus  # noqa: E402
+from agent.bus.interface import Bus  # noqa: E402
+from agent.bus.kafka import KafkaBus, crc32c_is_native  # noqa: E402
 from tests.fixtures.kafka import kafka_test_overrides, run_test_broker  # noqa: E402
 
 SERIES_SIZE = 100

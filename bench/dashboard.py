@@ -42,7 +42,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.bus_embedded import EmbeddedBus  # noqa: E402
+from agent.bus.embedded import EmbeddedBus  # noqa: E402
 from agent.dashboard.synthetic import (  # noqa: E402
     make_evidence,
     make_result,

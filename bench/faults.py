@@ -1,5 +1,5 @@
 """Fault and hostile-peer figures of issue 20, printed as JSON (not a test: the tests run a
-seeded subset, ``tests/agent/test_faults.py`` and ``tests/agent/test_hostile_peers.py``).
+seeded subset, ``tests/agent/test_faults.py`` and ``tests/agent/ingest/test_hostile_peers.py``).
 
 Real processes on loopback: ``hust19 serve|ingest|worker``, dcmtk ``storescu``/``storescp``
 (``+uf``), the Kafka-protocol test broker (tansu). Sections (``--only a,b``):
@@ -212,7 +212,7 @@ def _assigned(log: Path) -> set[int]:
 def kafka(work: Path, shared: Path) -> dict[str, Any]:
     from pydicom import dcmread
 
-    from agent.bus_kafka import DEFAULT_PARTITIONS, KafkaBus
+    from agent.bus.kafka import DEFAULT_PARTITIONS, KafkaBus
     from tests.fixtures.kafka import run_test_broker
 
     files = copy_series(work / "kafka-series")
@@ -374,11 +374,11 @@ def kill(work: Path, shared: Path, runs: int) -> dict[str, Any]:
 
 
 def pacs(work: Path, shared: Path) -> dict[str, Any]:
-    from agent.bus_embedded import EmbeddedBus
+    from agent.bus.embedded import EmbeddedBus
     from agent.config import PacsDestination
-    from agent.pacs import BusDeadLetters, PacsSender
-    from agent.sr import build_sr
-    from tests.agent.test_sr import VERSION, make_result, source_from
+    from agent.triage.pacs import BusDeadLetters, PacsSender
+    from agent.triage.sr import build_sr
+    from tests.agent.triage.test_sr import VERSION, make_result, source_from
 
     out: dict[str, Any] = {}
     source = source_from(shared / "chest-ct-series" / "normal001")

@@ -52,7 +52,7 @@ POLL_RECORDS: Final = 500
 def _published_after(out: Path, count: int, start: float) -> float:
     """Seconds from ``start`` until ``count`` instances can be read from the embedded bus of
     the agent whose data directory is ``out``."""
-    from agent.bus import open_bus
+    from agent.bus.factory import open_bus
     from schemas import topics
 
     bus = open_bus("embedded", out)

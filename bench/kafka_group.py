@@ -4,7 +4,7 @@ member joining the group stalls the members already there (join stall), for the 
 settings given.
 
 Members are separate processes (``member`` mode of this script): each consumes a 6-partition
-topic through :class:`agent.bus_kafka.KafkaBus` and prints one JSON line per poll (time,
+topic through :class:`agent.bus.kafka.KafkaBus` and prints one JSON line per poll (time,
 assignment, records read). A producer writes one message to every partition every 100 ms.
 
 * failover: members A and B settle (3 + 3 partitions); B is killed with SIGKILL; the time
@@ -35,7 +35,7 @@ from typing import Any, Final
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.bus_kafka import KafkaBus  # noqa: E402
+from agent.bus.kafka import KafkaBus  # noqa: E402
 from tests.fixtures.kafka import run_test_broker  # noqa: E402
 
 PARTITIONS: Final = 6

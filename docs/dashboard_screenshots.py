@@ -27,7 +27,7 @@ import pydicom
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.bus_embedded import EmbeddedBus  # noqa: E402
+from agent.bus.embedded import EmbeddedBus  # noqa: E402
 from agent.dashboard.auth import add_user  # noqa: E402
 from agent.dashboard.service import Dashboard  # noqa: E402
 from agent.dashboard.settings import load_dashboard_settings  # noqa: E402
@@ -38,8 +38,8 @@ from agent.dashboard.synthetic import (  # noqa: E402
     publish_evidence,
     publish_result,
 )
-from agent.http import HealthServer  # noqa: E402
-from agent.metrics import Metrics  # noqa: E402
+from agent.ops.http import HealthServer  # noqa: E402
+from agent.ops.metrics import Metrics  # noqa: E402
 from schemas import topics  # noqa: E402
 from schemas.messages import DeadLetter, dump_json  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 A hospital whose laboratory information system has no schema of its own to offer (or a demo,
 or the tests) uses these three tables; a real LIS is read through a mapping instead
-(``agent.lis_mapping``). The layout follows what a LIS report prints:
+(``agent.triage.lis_mapping``). The layout follows what a LIS report prints:
 
 * ``lis_patient``: one row per patient, keyed by the hospital's medical record number (the
   value DICOM PatientID carries), with the clinical items the CF model needs that are not lab

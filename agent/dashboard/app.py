@@ -74,7 +74,7 @@ from agent.dashboard.store import (
     study_date_of,
     utcnow,
 )
-from agent.lis import LisClient
+from agent.triage.lis import LisClient
 from schemas.errors import Hust19Error
 from schemas.messages import TriageResult
 

@@ -19,7 +19,7 @@ from typing import Final
 
 from pydantic import ValidationError
 
-from agent.bus import Bus, Consumer, Message
+from agent.bus.interface import Bus, Consumer, Message
 from agent.dashboard.store import (
     DeadLetterItem,
     EvidenceItem,

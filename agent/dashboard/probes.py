@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Final
 
-from agent.bus import Bus
+from agent.bus.interface import Bus
 from schemas.errors import BusError
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def probe_roles(roles: dict[str, str]) -> list[RoleState]:
 def embedded_group_lags(bus: Bus) -> list[GroupLag]:
     """Every consumer group's committed offset against the end of each topic, on the embedded
     bus (an empty list on Kafka, where each role's ``/metrics`` tells its lag)."""
-    from agent.bus_embedded import EmbeddedBus
+    from agent.bus.embedded import EmbeddedBus
 
     if not isinstance(bus, EmbeddedBus):
         return []

@@ -20,14 +20,15 @@ from typing import Final
 
 import uvicorn
 
-from agent.bus import Bus, open_bus
+from agent.bus.factory import open_bus
+from agent.bus.interface import Bus
 from agent.dashboard.app import DashboardState, create_app
 from agent.dashboard.auth import LoginLimiter, TrustedProxies, UserDirectory
 from agent.dashboard.consumer import DashboardConsumer
 from agent.dashboard.feed import ChangeFeed
 from agent.dashboard.settings import DashboardSettings
 from agent.dashboard.store import Store
-from agent.lis import LisClient
+from agent.triage.lis import LisClient
 from schemas.errors import ConfigError, Hust19Error
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class Dashboard:
         url = self.settings.lis_url
         if url is None:
             return
-        from agent.lis_mapping import LisMapping
+        from agent.triage.lis_mapping import LisMapping
 
         mapping = LisMapping.load(self.settings.lis_mapping) if self.settings.lis_mapping \
             else None

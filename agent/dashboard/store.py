@@ -14,7 +14,7 @@ Tables (all named ``dashboard_*`` so that the dashboard can share a database):
 * ``sessions``: logged-in browsers (the SHA-256 of the cookie, never the cookie).
 * ``meta``: the store's own secret (CSRF tokens in proxy mode), made at first start.
 
-Revisions and idempotence, as the worker issues them (``agent/ledger.py``): a result whose
+Revisions and idempotence, as the worker issues them (``agent/triage/ledger.py``): a result whose
 content changed (labs arrived, late instances, other models) comes as revision + 1, and a redo
 of the same content repeats the same revision with the same content. So:
 
@@ -83,7 +83,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.schema import CreateColumn
 from sqlalchemy.sql.elements import ColumnElement
 
-from agent.lis import resolve_url, safe_url
+from agent.triage.lis import resolve_url, safe_url
 from schemas.errors import ConfigError, Hust19Error, InputError
 from schemas.messages import (
     ClassScores,
@@ -114,7 +114,7 @@ CONTENT_EXCLUDED: Final = frozenset({"result_id", "revision", "sr_sop_instance_u
                                       "supersedes_sr_sop_instance_uid", "sr_destinations",
                                       "timings", "generation"})
 """The fields of a result that do not make its content: the same set as the worker's
-``agent.worker.CONTENT_EXCLUDED`` (a test keeps them equal)."""
+``agent.triage.worker.CONTENT_EXCLUDED`` (a test keeps them equal)."""
 STUDY_DATE_FORMAT: Final = "%Y%m%d"
 NAME_CHARS: Final = 200
 """The worklist keeps this much of a patient's name (DICOM PN: three groups of 64 at most);

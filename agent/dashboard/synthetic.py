@@ -20,7 +20,7 @@ from typing import Final
 import cv2
 import numpy as np
 
-from agent.bus import Producer
+from agent.bus.interface import Producer
 from schemas import topics
 from schemas.messages import (
     Availability,

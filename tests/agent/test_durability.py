@@ -15,10 +15,10 @@ import pytest
 from pydicom import Dataset
 
 from agent.app import ALL_ROLES, Agent
-from agent.bus import Bus, Consumer, Headers, Producer
-from agent.bus_embedded import EmbeddedBus
+from agent.bus.embedded import EmbeddedBus
+from agent.bus.interface import Bus, Consumer, Headers, Producer
 from agent.config import PacsDestination
-from agent.pacs import PacsSender
+from agent.triage.pacs import PacsSender
 from schemas import topics
 from schemas.errors import BusError
 from schemas.messages import TriageResult

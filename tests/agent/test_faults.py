@@ -216,7 +216,7 @@ def test_kill9_of_the_worker_once_its_sr_is_queued_gives_one_sr_and_one_result(
 def _all_work_done(data: Path) -> bool:
     """The worker group committed both topics to their ends (offsets only after durable
     work) and the SR outbox has nothing pending: nothing is left to redo or to send."""
-    from agent.bus_embedded import EmbeddedBus
+    from agent.bus.embedded import EmbeddedBus
     from schemas import topics
 
     pending = list((data / "sr-outbox" / "pending").rglob("*.json"))

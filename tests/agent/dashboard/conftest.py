@@ -22,8 +22,8 @@ from typing import Any, Final
 import httpx
 import pytest
 
-from agent.bus import Bus
-from agent.bus_embedded import EmbeddedBus
+from agent.bus.embedded import EmbeddedBus
+from agent.bus.interface import Bus
 from agent.dashboard.auth import add_user
 from agent.dashboard.service import Dashboard
 from agent.dashboard.settings import load_dashboard_settings

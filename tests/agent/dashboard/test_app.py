@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.bus_embedded import EmbeddedBus
+from agent.bus.embedded import EmbeddedBus
 from agent.dashboard.service import Dashboard
 from agent.dashboard.store import WorklistFilter
 from agent.dashboard.synthetic import make_evidence, make_result, publish_evidence, publish_result
@@ -56,7 +56,7 @@ def make_lis(folder: Path, patient_id: str, values: list[dict[str, object]]) -> 
     """A LIS (the reference schema, SQLite) that knows ``patient_id`` with ``values``."""
     from sqlalchemy import create_engine, insert
 
-    from agent.lis import LisClient
+    from agent.triage.lis import LisClient
     from schemas.lis import LisPatient, LisResult
 
     url = f"sqlite:///{folder / 'lis.sqlite'}"

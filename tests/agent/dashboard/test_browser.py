@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from agent.bus_embedded import EmbeddedBus
+from agent.bus.embedded import EmbeddedBus
 from agent.dashboard.app import person_name
 from agent.dashboard.service import Dashboard
 from agent.dashboard.store import local_midnight_utc

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.bus_embedded import EmbeddedBus
-from agent.bus_kafka import KafkaBus
+from agent.bus.embedded import EmbeddedBus
+from agent.bus.kafka import KafkaBus
 from agent.dashboard.consumer import TOPICS, DashboardConsumer
 from agent.dashboard.store import Store, StoreError, WorklistFilter
 from agent.dashboard.synthetic import (

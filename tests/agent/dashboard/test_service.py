@@ -11,7 +11,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from agent.bus_kafka import KafkaBus
+from agent.bus.kafka import KafkaBus
 from agent.dashboard.consumer import TOPICS
 from agent.dashboard.feed import ChangeFeed
 from agent.dashboard.service import Dashboard

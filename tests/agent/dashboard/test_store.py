@@ -108,8 +108,8 @@ def test_revisions_as_the_worker_issues_them(store: Store) -> None:
 
 
 def test_content_digest_leaves_out_what_the_worker_leaves_out() -> None:
-    from agent.worker import CONTENT_EXCLUDED as WORKER_EXCLUDED
-    from agent.worker import content_digest as worker_digest
+    from agent.triage.worker import CONTENT_EXCLUDED as WORKER_EXCLUDED
+    from agent.triage.worker import content_digest as worker_digest
 
     assert CONTENT_EXCLUDED == WORKER_EXCLUDED
     r = make_result(4, labs=True)
