@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
+from agent.cli.commands.common import settings_flags
 from agent.config import PacsDestination, example_toml, load_settings
 from schemas.errors import ConfigError
 
@@ -48,7 +49,7 @@ def test_bad_values_name_the_setting(tmp_path: Path) -> None:
 
 def test_example_config_is_generated_and_loads() -> None:
     checked_in = REPO / "deploy" / "hust19.example.toml"
-    assert checked_in.read_text() == example_toml(), \
+    assert checked_in.read_text() == example_toml(settings_flags()), \
         "example drifted: run `hust19 config example > deploy/hust19.example.toml`"
     s = load_settings(checked_in, environ={})
     assert s == load_settings(environ={})

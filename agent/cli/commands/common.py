@@ -1,54 +1,55 @@
-"""Flags shared by the commands that run or inspect the agent (serve, ingest, worker, doctor,
-bus dump): each maps onto a :class:`agent.config.Settings` field."""
+"""The settings flags of the commands that run or inspect the agent (serve, ingest, worker,
+doctor, config show): one flag per :class:`agent.config.Settings` field, generated from the
+field. ``hust19 config example`` documents the flags this parser has (:func:`settings_flags`),
+so what it documents is what the commands accept."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
+import threading
 from pathlib import Path
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from types import FrameType, UnionType
+from typing import Any, Final, Literal, Protocol, Union, get_args, get_origin
 
 from agent.cli.logs import setup_logging
 from agent.config import Settings, load_settings
 
+logger = logging.getLogger(__name__)
+
+METAVARS: Final = {"allow_ae": "AET", "pacs": "HOST:PORT:AET"}
+"""How a value is written, where the setting's name does not say it."""
+
+
+def flag(name: str) -> str:
+    """The flag of setting ``name``: ``--`` and the name with dashes (a public contract)."""
+    return "--" + name.replace("_", "-")
+
 
 def add_settings_args(parser: argparse.ArgumentParser) -> None:
-    """The public flags of ``hust19 serve`` and its siblings (a contract: do not rename)."""
-    g = parser.add_argument_group("settings (flags override HUST19_* env, which overrides "
-                                  "--config)")
-    g.add_argument("--config", type=Path, help="TOML settings file")
-    g.add_argument("--data-dir", type=Path, help="spool, embedded bus, outbox, SQLite LIS")
-    g.add_argument("--host", help="address the DICOM listener binds to")
-    g.add_argument("--port", type=int, help="DICOM listener port")
-    g.add_argument("--ae-title", help="the agent's AE title")
-    g.add_argument("--allow-ae", action="append", metavar="AET",
-                   help="calling AE allowed to send (repeatable)")
-    g.add_argument("--tls-cert", type=Path, help="PEM certificate: DICOM over TLS")
-    g.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
-    g.add_argument("--tls-ca", type=Path, help="CA bundle: require client certificates")
-    g.add_argument("--bus", help="'embedded' or kafka://host:port[,host:port]")
-    g.add_argument("--kafka-compression", choices=["none", "gzip", "snappy", "lz4", "zstd"])
-    g.add_argument("--bus-retention-h", type=float,
-                   help="embedded bus: delete consumed log segments this old (0 = keep)")
-    g.add_argument("--consumer-group", help="Kafka consumer group of the workers")
-    g.add_argument("--series-quiet-s", type=float, help="quiet time after release")
-    g.add_argument("--series-max-quiet-s", type=float, help="quiet time regardless")
-    g.add_argument("--spool-retention-h", type=float,
-                   help="delete spool files this long after publishing (0 = keep)")
-    g.add_argument("--lis", help="SQLAlchemy URL of the LIS")
-    g.add_argument("--lis-mapping", type=Path, help="TOML mapping of the hospital's LIS")
-    g.add_argument("--pacs", action="append", metavar="HOST:PORT:AET",
-                   help="SR destination (repeatable)")
-    g.add_argument("--threshold", choices=["general", "sensitive"])
-    g.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"])
-    g.add_argument("--http-port", type=int, help="port of /healthz /readyz /metrics")
-    g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    g.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
-    taken = {action.dest for action in parser._actions}
+    """Every setting as a flag: its name from :func:`flag`, its help the field's description,
+    its type, choices or repetition from the field's type (a yes/no setting also gets its
+    ``--no-`` form). Also ``--config``, the settings file."""
+    group = parser.add_argument_group("settings (flags override HUST19_* env, which overrides "
+                                      "--config)")
+    group.add_argument("--config", type=Path,
+                       help="TOML settings file ('hust19 config example' prints one).")
     for name, field in Settings.model_fields.items():
-        if name not in taken:  # every other setting: its flag from its type
-            g.add_argument(f"--{name.replace('_', '-')}", help=field.description,
-                           **_flag_type(field.annotation))
+        keywords = _flag_type(field.annotation)
+        if name in METAVARS:
+            keywords["metavar"] = METAVARS[name]
+        group.add_argument(flag(name), dest=name,
+                           help=(field.description or "").replace("%", "%%"), **keywords)
+
+
+def settings_flags() -> dict[str, list[str]]:
+    """Setting name -> the flags that set it, as :func:`add_settings_args` made them."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_settings_args(parser)
+    return {action.dest: list(action.option_strings) for action in parser._actions
+            if action.dest in Settings.model_fields}
 
 
 def _flag_type(annotation: Any) -> dict[str, Any]:
@@ -76,3 +77,35 @@ def settings_from_args(args: argparse.Namespace, *, configure_logging: bool = Tr
     if configure_logging:
         setup_logging(settings.log_level, settings.log_json)
     return settings
+
+
+class Service(Protocol):
+    """What :func:`run_until_signal` runs: the agent's roles, the dashboard."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def run_until_signal(service: Service, name: str) -> int:
+    """Start ``service``, block until SIGINT/SIGTERM, stop it; returns the exit status. ``name``
+    says what runs in the log lines."""
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        service.start()
+        logger.info("%s running (pid %d); stop with Ctrl-C or SIGTERM", name, os.getpid())
+        while not stop.wait(1.0):
+            pass
+        logger.info("received %s: stopping", signal.Signals(received[0]).name)
+    finally:
+        service.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0

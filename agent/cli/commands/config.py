@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from agent.cli.commands.common import add_settings_args, settings_from_args
+from agent.cli.commands.common import add_settings_args, settings_flags, settings_from_args
 from agent.config import example_toml
 
 
@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
 
 
 def _example(args: argparse.Namespace) -> int:
-    print(example_toml(), end="")
+    print(example_toml(settings_flags()), end="")
     return 0
 
 

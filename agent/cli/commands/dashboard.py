@@ -1,13 +1,13 @@
-"""``hust19 dashboard``: the triage worklist for readers and IT, as a role of its own.
+"""The triage worklist for readers and IT, as a role of its own.
 
-It consumes ``triage.results``, ``triage.evidence`` and ``triage.dlq`` as its own consumer
-group (the embedded bus in ``--data-dir``, or ``--bus kafka://...``), keeps the worklist in a
-database (SQLite in the data folder, or ``--db postgresql://...``) and serves it on
-``--host``/``--port`` (default 127.0.0.1:8088) until SIGINT or SIGTERM.
+It consumes the topics triage.results, triage.evidence and triage.dlq as its own consumer
+group (the embedded bus in --data-dir, or --bus kafka://...), keeps the worklist in a
+database (SQLite in the data folder, or --db postgresql://...) and serves it on --host and
+--port (default 127.0.0.1:8088) until SIGINT or SIGTERM.
 
-Users: ``hust19 dashboard add-user NAME --users FILE --password-stdin [--role reader|viewer]``
-(readers acknowledge results, viewers only look); or ``--auth proxy`` behind a reverse proxy
-that names the user in ``X-Forwarded-User``. See docs/dashboard.md.
+Users: 'hust19 dashboard add-user NAME --users FILE --password-stdin [--role reader|viewer]'
+(readers acknowledge results, viewers only look); or --auth proxy behind a reverse proxy
+that names the user in the X-Forwarded-User header. See docs/dashboard.md.
 """
 
 from __future__ import annotations
@@ -15,19 +15,14 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
-import os
-import signal
 import sys
-import threading
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
+from agent.cli.commands.common import run_until_signal
 from agent.cli.logs import setup_logging
 from agent.dashboard.settings import DEFAULT_PORT, ROLES, USERS_FILE_NAME
 from schemas.errors import InputError
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_ROLE: Final = "reader"
 
@@ -110,26 +105,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_json)
     for noisy in ("uvicorn.error", "uvicorn"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    dashboard = Dashboard(settings)
-    stop = threading.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        received.append(signum)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        dashboard.start()
-        logger.info("dashboard running (pid %d); stop with Ctrl-C or SIGTERM", os.getpid())
-        while not stop.wait(1.0):
-            pass
-        logger.info("received %s: stopping", signal.Signals(received[0]).name)
-    finally:
-        dashboard.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return 0
+    return run_until_signal(Dashboard(settings), "dashboard")
 
 
 def _users_file(args: argparse.Namespace) -> Path:

@@ -1,18 +1,19 @@
-"""``hust19 demo``: the whole product on one machine, with real peers.
+"""The whole product on one machine, with real peers:
 
 1. loads the demo LIS (SQLite in the data folder) from the iCTCF tables when they are there
-   (``--ictcf``, default ``../shared/data/ictcf``), linking the sample patient to one iCTCF
-   patient: a link made for the demo, not the same person (no public data set pairs CT with
-   lab values); without the tables the triage is CT-only and says so;
-2. starts dcmtk ``storescp`` as the PACS;
+   (--ictcf, default ../shared/data/ictcf), linking the sample patient to one iCTCF patient:
+   a link made for the demo, not the same person (no public data set pairs CT with lab
+   values); without the tables the triage is CT-only and says so;
+2. starts dcmtk storescp as the PACS;
 3. starts the agent in-process on its embedded defaults (embedded bus, SQLite LIS) with that
    PACS as the SR destination;
-4. sends the repository's sample series (``samples/lung-pet-ct-dx/Lung_Dx-A0002-B40f``, 30
-   uncompressed CT slices, CC BY 4.0) with dcmtk ``storescu``;
-5. prints the triage result from ``triage.results`` and a ``dsrdump`` of the SR the PACS got.
+4. sends the repository's sample series (samples/lung-pet-ct-dx/Lung_Dx-A0002-B40f, 30
+   uncompressed CT slices, CC BY 4.0) with dcmtk storescu;
+5. prints the triage result from the topic triage.results and a dsrdump of the SR the PACS
+   got.
 
-``--data-dir`` keeps the data (default: a temporary folder, removed at the end); ``--series``
-sends another folder.
+--data-dir keeps the data (default: a temporary folder, removed at the end); --series sends
+another folder.
 """
 
 from __future__ import annotations

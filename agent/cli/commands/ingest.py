@@ -1,6 +1,6 @@
-"""``hust19 ingest``: run only the ingest role (DICOM listener, spool, outbox to the bus,
-series completion) until SIGINT or SIGTERM. Used to scale out with Kafka: several ingest
-nodes and, separately, workers."""
+"""Run only the ingest role (the DICOM listener, the spool, the outbox to the bus and series
+completion) until SIGINT or SIGTERM. Used to scale out with Kafka: several ingest nodes and,
+separately, workers. It takes the settings flags of 'hust19 serve'."""
 
 from __future__ import annotations
 

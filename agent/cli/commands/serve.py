@@ -1,26 +1,19 @@
-"""``hust19 serve``: run the whole agent in one process (DICOM listener, spool, outbox,
-series completion, triage worker, PACS sender; embedded bus and SQLite LIS by default) until
-SIGINT or SIGTERM, then stop cleanly.
+"""Run the whole agent in one process: the DICOM listener, the spool, the outbox to the bus,
+series completion, the triage worker and the PACS sender (the embedded bus and a SQLite LIS by
+default), until SIGINT or SIGTERM, then stop cleanly.
 
-The flags are the shared settings flags (:mod:`agent.cli.commands.common`), a public contract:
-``--data-dir``, ``--port``, ``--ae-title``, ``--allow-ae`` (repeatable), ``--bus``...
+Every setting can be given as a flag (below), as a HUST19_* environment variable or in the
+--config file; 'hust19 config example' prints every setting with its flag and variable.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import signal
-import threading
-from types import FrameType
 from typing import Any
 
 from agent.app import ALL_ROLES, Agent
-from agent.cli.commands.common import add_settings_args, settings_from_args
+from agent.cli.commands.common import add_settings_args, run_until_signal, settings_from_args
 from agent.ingest.allocator import tune_for_large_buffers
-
-logger = logging.getLogger(__name__)
 
 
 def register(sub: Any) -> None:
@@ -38,31 +31,6 @@ def register_roles(sub: Any, name: str, roles: frozenset[str], help_text: str,
     def run(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
         tune_for_large_buffers()
-        return run_until_signal(Agent(settings, roles=roles))
+        return run_until_signal(Agent(settings, roles=roles), "agent")
 
     parser.set_defaults(func=run)
-
-
-def run_until_signal(agent: Agent) -> int:
-    """Start ``agent``, block until SIGINT/SIGTERM, stop it; returns the exit status."""
-    stop = threading.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        received.append(signum)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        agent.start()
-        logger.info("agent running (pid %d); stop with Ctrl-C or SIGTERM",
-                    os.getpid())
-        while not stop.wait(1.0):
-            pass
-        logger.info("received %s: stopping", signal.Signals(received[0]).name)
-    finally:
-        agent.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return 0
-

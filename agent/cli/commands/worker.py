@@ -1,6 +1,6 @@
-"""``hust19 worker``: run only the triage worker (and its PACS sender) against the bus, until
-SIGINT or SIGTERM. Several workers in one Kafka consumer group share the partitions; the key
-(SeriesInstanceUID) keeps a series on one worker."""
+"""Run only the triage worker (and its PACS sender) against the bus, until SIGINT or SIGTERM.
+Several workers in one Kafka consumer group share the partitions; the key (the Series Instance
+UID) keeps a series on one worker. It takes the settings flags of 'hust19 serve'."""
 
 from __future__ import annotations
 
