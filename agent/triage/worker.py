@@ -223,6 +223,8 @@ class TriageWorker:
                  group_id: str | None = None, ledger: ResultLedger | None = None) -> None:
         self.settings = settings
         self.ledger = ledger or ResultLedger(settings.data_dir / LEDGER_FILE)
+        self._predecessors: dict[str, tuple[str, str]] = {}
+        """result_id -> (Series, SOP Instance) UID of the SR the next SR replaces."""
         self.bus = bus
         self.pacs = pacs
         self.lis = lis
@@ -622,6 +624,8 @@ class TriageWorker:
             sr_uid = derive_uid("sr-instance", result.series_uid, self.models.version, digest)
         rev = self.ledger.revise(result.result_id, digest, result.timings.result_ready,
                                  sr_series, sr_uid)
+        if rev.previous is not None:
+            self._predecessors[result.result_id] = rev.previous
         if rev.redo:
             log.info("series %s: same content as revision %d: redone identically",
                      result.series_uid, rev.revision)
@@ -678,8 +682,8 @@ class TriageWorker:
             source = SrSource.from_dataset(header, list(ct.top_uids))
             predecessor = None
             if result.supersedes_sr_sop_instance_uid is not None:
-                predecessor = (sr_series_uid(result.study_uid, self.models.version),
-                               result.supersedes_sr_sop_instance_uid)
+                # the replaced SR's own series (another model version wrote it in another)
+                predecessor = self._predecessors.pop(result.result_id, None)
             ds = build_sr(result, source, algorithm_version=self.models.version,
                           device_name=self.settings.ae_title, predecessor=predecessor)
             self.pacs.enqueue(ds)

@@ -362,4 +362,6 @@ def test_labs_that_arrive_later_are_a_new_revision_with_a_new_sr_naming_the_firs
     (series,) = study.ReferencedSeriesSequence
     assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
         first.sr_sop_instance_uid
+    replaced = pydicom.dcmread(srs[first.sr_sop_instance_uid])
+    assert series.SeriesInstanceUID == replaced.SeriesInstanceUID  # the ledger's, not derived
     assert "HUST-19 clinical-feature model" in _dsrdump_ok(srs[second.sr_sop_instance_uid])
