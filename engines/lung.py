@@ -63,7 +63,7 @@ INPUT_SIZE: Final = 200
 
 #: Below this lung-area fraction of the square frame a slice has no lung parenchyma: the derived
 #: NiCT (non-informative CT) label. Chosen on the real series in ``../shared/data`` (see
-#: the README, "Pre-processing and lung extraction"): slices above the apices measure
+#: docs/models/slice.md, "Pre-processing"): slices above the apices measure
 #: 0.001-0.010 (the trachea), slices through the lungs 0.02-0.29; the original method also
 #: keeps gastric gas below the left hemidiaphragm, which measured 0.013-0.020 in P002, so
 #: the cut sits at 0.02. The first slices through the apices (0.010-0.020) fall under it

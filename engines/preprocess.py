@@ -3,8 +3,8 @@
 HUST-19 (Ning et al., Nat. Biomed. Eng. 2020) was trained on 8-bit JPEG slices exported from the
 hospitals' PACS. The agent receives DICOM, so each slice is first turned into Hounsfield units
 (HU) and then windowed to 8 bits with a fixed lung window, so that DICOM series and the public
-PNG/JPEG slices the slice network is trained on look alike (the README's section
-"Pre-processing and lung extraction" has the measured comparison that chose the window).
+PNG/JPEG slices the slice network is trained on look alike (docs/models/slice.md,
+"Pre-processing", has the measured comparison that chose the window).
 
 Public functions:
 
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 #: Lung window centre (HU). -600 / 1200 is the lung window the scanners of both DICOM sources here
 #: store in (0028,1050)/(0028,1051) as their second preset, and it made the lung-region grey levels
 #: of the DICOM series closest to the public COVID-CT slices among the windows compared (see
-#: the README, "Pre-processing and lung extraction").
+#: docs/models/slice.md, "Pre-processing").
 LUNG_WINDOW_CENTER: Final[float] = -600.0
 #: Lung window width (HU): the window spans [-1200, 0] HU.
 LUNG_WINDOW_WIDTH: Final[float] = 1200.0

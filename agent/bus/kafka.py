@@ -4,7 +4,7 @@ Producer: ``acks="all"``, idempotent, keyed (the default partitioner hashes the 
 series stays on one partition and in order), ``compression_type`` from the settings,
 ``max_request_size`` :data:`MAX_MESSAGE_BYTES` (64 MiB: an enhanced multi-frame CT instance can
 be tens of MB; the brokers' ``message.max.bytes`` / topics' ``max.message.bytes`` and
-``replica.fetch.max.bytes`` must be raised to match, see the README, "The message bus") and
+``replica.fetch.max.bytes`` must be raised to match, see docs/operations.md, the bus) and
 unlimited retries within ``delivery_timeout_ms``. :meth:`KafkaProducerAdapter.flush` waits for every
 acknowledgement and raises :class:`BusError` if any send failed.
 

@@ -6,7 +6,7 @@ SQLAlchemy URL (SQLite file by default; ``postgresql://`` and ``mysql://``/``mar
 the psycopg and PyMySQL drivers). Every database error comes out as
 :class:`schemas.errors.LisError` naming the URL without its password.
 
-Policies (documented in the README, "The LIS"):
+Policies (documented in docs/operations.md, the LIS):
 
 * Window: results collected within ``window_days`` before the study day's start and after its
   end. Per catalogue code the most recent result in the window wins.
