@@ -231,8 +231,10 @@ def export_onnx(nets: Sequence[Any], n_inputs: int, path: Path) -> None:
             self.members = torch.nn.ModuleList(inner)
 
         def forward(self, x: Any) -> tuple[Any, Any]:
-            each = torch.stack([torch.softmax(m(x), dim=1) for m in self.members], dim=1)
-            return each.mean(dim=1), each
+            each = [torch.softmax(m(x), dim=1) for m in self.members]
+            # the mean from its own stack: a graph output that also fed another node breaks
+            # the FP16 conversion (onnxconverter_common casts outputs; engines/fp16.py)
+            return torch.stack(each, dim=0).mean(dim=0), torch.stack(each, dim=1)
 
     wrapped = Ensemble(nets).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
