@@ -161,20 +161,21 @@ def _pool(xp: ModuleType, volume: Any, factor: int) -> Any:
 def _internal_air(xp: ModuleType, grid: Any, scale: int,
                   pixel_area: float) -> tuple[Any, Any]:
     """Steps 1-2: (air inside the body without airway lumens and gas, air outside the body).
-    ``grid`` holds sums of ``scale`` full-grid pixels."""
+    ``grid`` holds sums of ``scale`` full-grid pixels. One in-plane labelling serves both: a
+    component touching the slice edge is outside air, a small dark one an airway or gas."""
     air = grid < AIR_HU * scale
     labels, count = mo.label(xp, air)
-    outside = mo.border_labels(xp, labels, count)[labels] & air
-    internal = air & ~outside
-    labels, count = mo.label(xp, internal)
-    if count == 0:
-        return internal, outside
-    size = xp.bincount(labels.ravel(), minlength=count + 1)
+    outside_label = mo.border_labels(xp, labels, count)
+    flat = labels.ravel()
+    size = xp.bincount(flat, minlength=count + 1)
     dark = xp.bincount(labels[grid < AIRWAY_LUMEN_HU * scale], minlength=count + 1)
     airway = (size * pixel_area < AIRWAY_MAX_AREA_MM2) & (
         dark >= AIRWAY_DARK_FRACTION * xp.maximum(size, 1))
-    airway[0] = False
-    return internal & ~airway[labels], outside
+    # label 0 is the tissue (border_labels marks it), so "kind" is 0 there: neither set
+    kind = xp.where(outside_label, 1, xp.where(airway, 0, 2)).astype(xp.uint8)
+    kind[0] = 0
+    per_voxel = kind[labels]
+    return per_voxel == 2, per_voxel == 1
 
 
 def _largest(xp: ModuleType, mask: Any) -> tuple[list[Any], Any]:

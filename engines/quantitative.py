@@ -234,12 +234,14 @@ def quantify(volume_hu: Any, segmentation: LungSegmentation, slice_mm: float | N
     volume = xp.asarray(volume_hu)
     rows, cols = segmentation.shape[1], segmentation.shape[2]
     px = float(min(segmentation.pixel_mm))
-    rr, cc = _bbox(xp, segmentation.labels, segmentation.factor, rows, cols)
     counts = np.zeros((n, _CODES), np.int64)
     hu_sums = np.zeros((n, 4), np.float64)
     for start in range(0, n, CHUNK_SLICES):
         stop = min(n, start + CHUNK_SLICES)
         lo, hi = max(0, start - 1), min(n, stop + 1)
+        if not bool((segmentation.labels[lo:hi] > 0).any()):
+            continue  # no lung in these slices: all counts stay 0
+        rr, cc = _bbox(xp, segmentation.labels[lo:hi], segmentation.factor, rows, cols)
         sides = segmentation.full(xp, lo, hi)[:, rr, cc]
         hu = volume[lo:hi, rr, cc]
         lung = sides > 0
