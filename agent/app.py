@@ -166,10 +166,12 @@ class Agent:
         if self.lis is not None:
             checks["lis"] = self.lis.ping
         if self.pacs is not None:
-            from agent.triage.pacs import verify
+            from agent.triage.pacs import tls_context_for, verify
 
+            tls = tls_context_for(self.settings)
             for dest in self.settings.pacs:  # takes our AE title and the SR SOP class
                 checks[f"pacs {dest}"] = partial(verify, dest, self.settings.ae_title,
+                                                 tls_context=tls,
                                                  timeout_s=READY_ECHO_TIMEOUT_S)
         if ROLE_WORKER in self.roles:
             checks["models"] = self._check_models

@@ -153,6 +153,12 @@ class Settings(BaseModel):
                                "lookup after this many seconds and re-issue the result.")
     pacs: list[PacsDestination] = Field(default_factory=list, description="Where SRs are sent, "
                                         "HOST:PORT:AET, repeatable.")
+    pacs_tls: bool = Field(False, description="Send SRs to the PACS over TLS (1.2 or later), "
+                           "checking the PACS certificate against pacs_tls_ca (else the system's "
+                           "CAs) and its host name; the agent presents tls_cert / tls_key when "
+                           "they are set (for a PACS that requires client certificates).")
+    pacs_tls_ca: Path | None = Field(None, description="PEM CA bundle that signed the PACS "
+                                     "certificates (with pacs_tls); default: the system's CAs.")
     threshold: Literal["general", "sensitive"] = Field("general", description="Which decision "
                                                         "threshold sets the flag.")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(

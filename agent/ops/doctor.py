@@ -185,14 +185,15 @@ def _lis(settings: Settings) -> Finding:
 
 def _pacs(settings: Settings) -> list[Finding]:
     """Each destination accepts our AE title with the SR SOP class (not only C-ECHO)."""
-    from agent.triage.pacs import verify
+    from agent.triage.pacs import tls_context_for, verify
 
     if not settings.pacs:
         return [Finding("pacs", "warn", "no --pacs destination: SRs will not be sent anywhere")]
     out = []
     for dest in settings.pacs:
         try:
-            out.append(Finding(f"pacs {dest}", "ok", verify(dest, settings.ae_title)))
+            out.append(Finding(f"pacs {dest}", "ok", verify(
+                dest, settings.ae_title, tls_context=tls_context_for(settings))))
         except Hust19Error as exc:
             out.append(Finding(f"pacs {dest}", "fail", exc.message))
     return out

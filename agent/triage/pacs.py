@@ -86,7 +86,7 @@ from agent.durable import atomic_write, fsync_dir
 from agent.ops.metrics import STAGE_SR_SEND, Metrics
 from agent.triage.uids import is_valid_uid
 from schemas import topics
-from schemas.errors import Hust19Error, InputError, PacsError
+from schemas.errors import ConfigError, Hust19Error, InputError, PacsError
 from schemas.messages import DeadLetter
 
 logger = logging.getLogger(__name__)
@@ -352,12 +352,12 @@ class PacsSender:
             logger.warning("no PACS destination configured: SRs are built but not sent")
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, tls_context: ssl.SSLContext | None = None,
-                      **kwargs: Any) -> PacsSender:
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> PacsSender:
         """The sender the agent runs: ``settings.pacs`` destinations, outbox
-        ``data_dir/sr-outbox``, calling AE = the agent's own AE title."""
+        ``data_dir/sr-outbox``, calling AE = the agent's own AE title, TLS as the settings say
+        (:func:`tls_context_for`)."""
         return cls(list(settings.pacs), settings.data_dir / OUTBOX_SUBDIR, settings.ae_title,
-                   tls_context=tls_context, **kwargs)
+                   tls_context=tls_context_for(settings), **kwargs)
 
     # --- paths -----------------------------------------------------------------------------
     def _pending_dir(self, dest: PacsDestination) -> Path:
@@ -687,6 +687,28 @@ class PacsSender:
             logger.error("%s", exc.message)
             return False
         return True
+
+
+def tls_context_for(settings: Settings) -> ssl.SSLContext | None:
+    """The client TLS context for the PACS (``pacs_tls``), or None for plain TCP.
+
+    TLS 1.2 or later; the PACS certificate is checked against ``pacs_tls_ca`` (else the
+    system's CAs) and the destination's host name; ``tls_cert`` / ``tls_key``, when set, are
+    presented as the agent's certificate. Raises :class:`ConfigError` naming the file that
+    cannot be used."""
+    if not settings.pacs_tls:
+        return None
+    try:
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH,
+            cafile=None if settings.pacs_tls_ca is None else str(settings.pacs_tls_ca))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS to the PACS: pacs_tls_ca {settings.pacs_tls_ca} or tls_cert "
+                          f"{settings.tls_cert} / tls_key cannot be used: {exc}") from exc
+    return context
 
 
 def verify(dest: PacsDestination, calling_ae: str, *,

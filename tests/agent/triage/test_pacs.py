@@ -44,7 +44,7 @@ from agent.triage.pacs import (
 )
 from agent.triage.sr import CATEGORY_CODES, TRIAGE_CATEGORY, SrSource, build_sr
 from schemas import topics
-from schemas.errors import InputError, PacsError
+from schemas.errors import ConfigError, InputError, PacsError
 from schemas.messages import DeadLetter
 from tests.agent.triage.test_sr import VERSION, dsrdump, make_result, source_from
 from tests.fixtures.dicom import dcmtk, free_port, is_listening, stop_process
@@ -469,3 +469,33 @@ def test_a_slow_pacs_gets_the_sr_once(storescp: Callable[..., StoreScp], sr: Dat
     finally:
         pacs.stop()
     assert len(pacs.received()) == 1
+
+
+def test_srs_go_over_tls_to_a_pacs_that_requires_it(storescp: Callable[..., StoreScp],
+                                                      sr: Dataset, tmp_path: Path) -> None:
+    """dcmtk storescp with TLS, trusting our CA and requiring a client certificate: with
+    pacs_tls and the CA the SR arrives, the agent presenting tls_cert; without the CA (the
+    system's CAs do not know the test CA) it is not sent and stays in the outbox."""
+    from agent.triage.pacs import tls_context_for
+    from tests.fixtures.hostile import make_tls_files
+
+    files = make_tls_files(tmp_path / "tls")
+    pacs = storescp(start=False).start_with(
+        "+tls", str(files["server_key"]), str(files["server_cert"]), "+cf", str(files["ca"]))
+    common = {"data_dir": tmp_path / "agent", "pacs": [str(pacs.destination)],
+              "ae_title": CALLING_AET, "pacs_tls": True, "tls_cert": files["client_cert"],
+              "tls_key": files["client_key"]}
+    untrusted = PacsSender.from_settings(load_settings(None, common))
+    untrusted.enqueue(sr)
+    assert untrusted.send_pending_once() == 0 and untrusted.pending_count() == 1
+    assert pacs.received() == []
+    settings = load_settings(None, {**common, "pacs_tls_ca": files["ca"]})
+    assert verify(pacs.destination, CALLING_AET, tls_context=tls_context_for(settings))
+    sender = PacsSender.from_settings(settings)
+    assert sender.send_pending_once() == 1 and sender.pending_count() == 0
+    (arrived,) = pacs.received()
+    assert pydicom.dcmread(arrived).SOPInstanceUID == sr.SOPInstanceUID
+    assert tls_context_for(load_settings(None, {"data_dir": tmp_path})) is None
+    with pytest.raises(ConfigError, match="pacs_tls_ca"):
+        tls_context_for(load_settings(None, {"data_dir": tmp_path, "pacs_tls": True,
+                                             "pacs_tls_ca": tmp_path / "missing.pem"}))
