@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS result_revision (
     ready_at TEXT NOT NULL,
     sr_series_uid TEXT,
     sr_instance_uid TEXT,
+    published INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (result_id, revision)
 )
 """
@@ -54,6 +55,9 @@ class Revision:
     previous: tuple[str, str] | None
     """(SR Series, SR SOP Instance) UID of the revision this one replaces, if it had an SR."""
     redo: bool
+    published: bool = False
+    """A redo of a revision whose result was already published (and its SR queued): nothing
+    needs to go out again (:meth:`ResultLedger.mark_published`)."""
 
 
 class ResultLedger:
@@ -68,6 +72,10 @@ class ResultLedger:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(result_revision)")}
+            if "published" not in columns:  # a ledger written before the column existed
+                self._db.execute("ALTER TABLE result_revision ADD COLUMN published INTEGER "
+                                 "NOT NULL DEFAULT 0")
         except sqlite3.Error as exc:
             raise StorageError(f"result ledger {path}: {exc}") from exc
 
@@ -78,12 +86,13 @@ class ResultLedger:
         with self._lock:
             try:
                 row = self._db.execute(
-                    "SELECT revision, digest, ready_at, sr_series_uid, sr_instance_uid "
-                    "FROM result_revision WHERE result_id = ? ORDER BY revision DESC LIMIT 1",
-                    (result_id,)).fetchone()
+                    "SELECT revision, digest, ready_at, sr_series_uid, sr_instance_uid, "
+                    "published FROM result_revision WHERE result_id = ? "
+                    "ORDER BY revision DESC LIMIT 1", (result_id,)).fetchone()
                 if row is not None and row[1] == digest:
                     return Revision(int(row[0]), datetime.fromisoformat(row[2]), row[3],
-                                    row[4], self._previous(result_id, int(row[0])), True)
+                                    row[4], self._previous(result_id, int(row[0])), True,
+                                    bool(row[5]))
                 revision = 1 if row is None else int(row[0]) + 1
                 self._db.execute(
                     "INSERT INTO result_revision (result_id, revision, digest, ready_at, "
@@ -94,6 +103,21 @@ class ResultLedger:
                 raise StorageError(f"result ledger {self.path}: {exc}") from exc
             return Revision(revision, ready_at, sr_series_uid, sr_instance_uid,
                             self._previous(result_id, revision), False)
+
+    def mark_published(self, result_id: str, revision: int) -> int:
+        """Record that this revision's result is on the bus (after the producer's flush), so
+        that a redo of it sends nothing again. A crash between the flush and this mark is the
+        one case in which a consumer could see the same result twice (same id, revision and
+        content: it drops the second); the worker reconciles it at start from the bus's newest
+        results. How many rows this newly marked (0 or 1)."""
+        with self._lock:
+            try:
+                cur = self._db.execute("UPDATE result_revision SET published = 1 WHERE "
+                                       "result_id = ? AND revision = ? AND published = 0",
+                                       (result_id, revision))
+                return cur.rowcount
+            except sqlite3.Error as exc:
+                raise StorageError(f"result ledger {self.path}: {exc}") from exc
 
     def _previous(self, result_id: str, revision: int) -> tuple[str, str] | None:
         row = self._db.execute(

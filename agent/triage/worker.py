@@ -106,6 +106,9 @@ are released first; a late instance for a released series keeps its quantitative
 POLL_TIMEOUT_S: Final = 0.5
 MIB: Final = 1 << 20
 LAG_INTERVAL_S: Final = 5.0
+RECONCILE_RESULTS: Final = 256
+"""How many of the newest results per partition the worker checks at start against its ledger
+(results a crash left flushed but not marked published)."""
 LAB_KINDS: Final = ("lab",)
 PIXEL_DATA_GROUP: Final = 0x7FE00000
 
@@ -225,6 +228,8 @@ class TriageWorker:
         self.ledger = ledger or ResultLedger(settings.data_dir / LEDGER_FILE)
         self._predecessors: dict[str, tuple[str, str]] = {}
         """result_id -> (Series, SOP Instance) UID of the SR the next SR replaces."""
+        self._published: set[tuple[str, int]] = set()
+        """(result_id, revision) redone after they were published: sent nothing again."""
         self.bus = bus
         self.pacs = pacs
         self.lis = lis
@@ -256,11 +261,29 @@ class TriageWorker:
             self._consumer = self.bus.consumer(self.group_id,
                                                [topics.DICOM_INSTANCES, topics.DICOM_SERIES])
             self._producer = self.bus.producer()
+            self._reconcile_published()
             log.info("worker subscribed as a member of group %s on %s (joining: its "
                      "partitions are logged when assigned); backend %s; algorithm %s (%s)",
                      self.group_id, self.bus.describe(), self.models.backend_name,
                      self.models.version, ", ".join(f"{k} {v}" for k, v in
                                                     sorted(self.models.versions.items())))
+
+    def _reconcile_published(self) -> None:
+        """Mark in the ledger the results that a previous run flushed to ``triage.results``
+        but stopped before marking, so that their redo is not published again (where the bus
+        cannot tell, a consumer may see that result twice: same id, revision and content)."""
+        marked = 0
+        for m in self.bus.recent(topics.TRIAGE_RESULTS, RECONCILE_RESULTS):
+            try:
+                doc = json.loads(m.value)
+                result_id, revision = str(doc["result_id"]), int(doc["revision"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a v1 result or a foreign message: nothing to reconcile
+            marked += self.ledger.mark_published(result_id, revision)
+        if marked:
+            log.warning("worker: %d results were on %s already (flushed before the last stop, "
+                        "not marked): marked, not published again", marked,
+                        topics.TRIAGE_RESULTS)
 
     def start(self) -> None:
         self.open()
@@ -598,8 +621,9 @@ class TriageWorker:
             availability=availability, quantitative_ct=quantitative, lab_values=lab_values,
             top_slices=list(ct.top_uids),
             timings=Timings(result_ready=now, **timings), **base), with_sr=True)
-        result = self._write_sr(result, header, ct)
-        self._publish_evidence(result, ct)
+        if (result.result_id, result.revision) not in self._published:
+            result = self._write_sr(result, header, ct)
+            self._publish_evidence(result, ct)
         if cf_proba is None:
             self._schedule_lis_retry(st, ev)
         log.info("series %s of study %s triaged: %s (%s, %s threshold), revision %d, SR %s",
@@ -627,8 +651,11 @@ class TriageWorker:
         if rev.previous is not None:
             self._predecessors[result.result_id] = rev.previous
         if rev.redo:
-            log.info("series %s: same content as revision %d: redone identically",
-                     result.series_uid, rev.revision)
+            log.info("series %s: same content as revision %d: redone identically%s",
+                     result.series_uid, rev.revision,
+                     " (already published: nothing is sent again)" if rev.published else "")
+        if rev.published:
+            self._published.add((result.result_id, rev.revision))
         return result.model_copy(update={
             "revision": rev.revision, "sr_sop_instance_uid": rev.sr_instance_uid,
             "supersedes_sr_sop_instance_uid": None if rev.previous is None else rev.previous[1],
@@ -728,11 +755,18 @@ class TriageWorker:
                              (topics.H_SERIES_UID, result.series_uid.encode())])
 
     def _publish(self, result: TriageResult) -> None:
+        """Publish ``result`` and record it in the ledger; a redo of a published revision
+        sends nothing."""
         assert self._producer is not None
+        key = (result.result_id, result.revision)
+        if key in self._published:
+            self._published.discard(key)
+            return
         self._producer.send(topics.TRIAGE_RESULTS, result.study_uid.encode(), dump_json(result),
                             [(topics.H_SCHEMA, result.schema_.encode()),
                              (topics.H_SERIES_UID, result.series_uid.encode())])
         self._producer.flush()
+        self.ledger.mark_published(result.result_id, result.revision)
         self.metrics.results.labels(flag=result.flag or "skipped").inc()
 
     def _run_retries(self) -> None:
