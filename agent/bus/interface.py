@@ -104,6 +104,10 @@ class Bus(ABC):
         """Create the topics if missing (a no-op where the bus creates them on first use)."""
 
     @abstractmethod
+    def topic_exists(self, topic: str) -> bool:
+        """Whether ``topic`` exists now (nothing is created)."""
+
+    @abstractmethod
     def ping(self, timeout_s: float = 5.0) -> None:
         """Raise ``BusError`` if the bus cannot be reached now."""
 

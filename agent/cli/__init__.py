@@ -19,7 +19,7 @@ EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130
 
-COMMAND_MODULES: Final = ("serve", "ingest", "worker", "dashboard", "bus", "lis", "train",
+COMMAND_MODULES: Final = ("serve", "ingest", "worker", "dashboard", "bus", "dlq", "lis", "train",
                           "evaluate", "predict", "doctor", "engines", "demo", "config")
 
 

@@ -68,12 +68,14 @@ from agent.dashboard.store import (
     AVAILABILITY,
     FLAGS,
     UNDO_WINDOW_S,
+    DeadLetterRow,
     Store,
     WorklistFilter,
     WorklistRow,
     study_date_of,
     utcnow,
 )
+from agent.ops.dlq import retry_command, retry_kind
 from agent.triage.lis import LisClient
 from schemas.errors import Hust19Error
 from schemas.messages import TriageResult
@@ -156,6 +158,13 @@ class ResponseHeaders:
 
 
 # --- formatting ---------------------------------------------------------------------------------
+def _retry_for(letter: DeadLetterRow) -> str | None:
+    """The ``hust19 dlq retry`` command of a dead letter, ``None`` if it cannot be retried."""
+    if retry_kind(letter.source_topic, letter.series_uid) is None:
+        return None
+    return retry_command(letter.dlq_partition, letter.dlq_offset)
+
+
 def local_time(value: datetime | None, fmt: str = "%Y-%m-%d %H:%M") -> str:
     """A stored (naive UTC) time in the server's local zone."""
     if value is None:
@@ -549,7 +558,7 @@ def create_app(state: DashboardState) -> Starlette:
                       pages=max(1, -(-total // DLQ_PAGE_SIZE)), consumer=state.consumer_status(),
                       roles=probe_roles(s.role), groups=embedded_group_lags(state.bus),
                       bus=state.bus_describe, store_url=state.store.display_url,
-                      settings=s)
+                      settings=s, retry_for=_retry_for)
 
     # --- login ---------------------------------------------------------------------------------
     def login_form(request: Request) -> Response:

@@ -977,3 +977,53 @@ class Spool:
 def info_dict(info: InstanceInfo) -> dict[str, Any]:
     """``info`` as a plain dict (for quarantine reason files and logs)."""
     return asdict(info)
+
+
+def requeue_series(data_dir: Path, series_uid: str) -> int:
+    """Put a received series back in the outbox's queue, to be published and completed again
+    (``hust19 dlq retry``: a series whose triage failed, once the cause is fixed).
+
+    Works on the index of ``data_dir``'s spool while the agent runs in another process: its
+    instances are marked unpublished and the series open, so the outbox sends them to
+    ``dicom.instances`` again and the series tracker then publishes a completion event of
+    the next generation (at once if the series is quiet; after ``series_aborted_quiet_s`` if
+    the agent is started afterwards). Returns how many instances were queued. Raises
+    :class:`SpoolError` when the series is unknown here or retention already deleted files
+    of it (they cannot be sent again from this spool)."""
+    path = Path(data_dir) / INDEX_FILE
+    if not path.is_file():
+        raise SpoolError(f"no spool index at {path}: is {data_dir} the data directory of the "
+                         "agent that received the series?")
+    try:
+        db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    except sqlite3.Error as exc:
+        raise SpoolError(f"cannot open the spool index {path}: {exc}") from exc
+    try:
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("SELECT 1 FROM series WHERE series_uid = ?",
+                          (series_uid,)).fetchone() is None:
+                raise SpoolError(f"series {series_uid} was not received by the agent whose "
+                                 f"data directory is {data_dir}")
+            pruned = db.execute("SELECT count(*) FROM instances WHERE series_uid = ? AND "
+                                "pruned_at IS NOT NULL", (series_uid,)).fetchone()[0]
+            if pruned:
+                raise SpoolError(f"series {series_uid}: the spooled files of {pruned} of its "
+                                 "instances were deleted by the spool retention "
+                                 "(spool_retention_h); it cannot be published again from "
+                                 f"{data_dir}")
+            queued = db.execute("UPDATE instances SET published_at = NULL WHERE series_uid = ? "
+                                "AND publish_error IS NULL", (series_uid,)).rowcount
+            db.execute("UPDATE series SET completed_count = 0 WHERE series_uid = ?",
+                       (series_uid,))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise SpoolError(f"cannot update the spool index {path}: {exc}") from exc
+    finally:
+        db.close()
+    logger.info("series %s: %d instances queued to be published again", series_uid, queued)
+    return int(queued)

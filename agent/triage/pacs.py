@@ -209,6 +209,47 @@ def destination_key(dest: PacsDestination) -> str:
     return f"{safe}-{digest}"
 
 
+def _marker(ds: Dataset) -> bytes:
+    """The pending marker of an outbox object for one destination (a fresh token each time:
+    a delivery finished meanwhile does not remove a newer marker)."""
+    return json.dumps({
+        "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
+        "sop_class_uid": str(ds.get("SOPClassUID", "")),
+        "study_uid": str(ds.get("StudyInstanceUID", "")),
+        "series_uid": str(ds.get("SeriesInstanceUID", "")),
+        "token": uuid.uuid4().hex, "enqueued_at": datetime.now(UTC).isoformat(),
+    }).encode()
+
+
+def requeue_refused(outbox_dir: Path, dest: PacsDestination, data: bytes) -> str:
+    """Put an SR that ``dest`` refused for good (its dead letter carries the bytes) back in
+    the outbox for ``dest`` alone, once the PACS is fixed (``hust19 dlq retry``). Safe while
+    the agent runs in another process: the object is written before its marker, both
+    atomically, and the running sender finds the marker at its next pass. Returns the SR's
+    SOP Instance UID; :class:`InputError` if ``data`` is not a Part-10 object with valid
+    UIDs."""
+    try:
+        ds = dcmread(BytesIO(data), stop_before_pixels=True)
+    except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
+        raise InputError(f"the dead letter's SR is not readable DICOM: {exc}") from exc
+    uid = str(ds.get("SOPInstanceUID", ""))
+    for name in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID"):
+        if not is_valid_uid(str(ds.get(name, ""))):
+            raise InputError(f"the dead letter's SR has no valid {name} ({uid!r})")
+    outbox = Path(outbox_dir)
+    tmp, pending = outbox / TMP_DIR, outbox / PENDING_DIR / destination_key(dest)
+    for folder in (tmp, outbox / OBJECTS_DIR, pending):
+        folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(outbox / OBJECTS_DIR / f"{uid}{OBJECT_SUFFIX}", data, tmp)
+    atomic_write(pending / f"{uid}{MARKER_SUFFIX}", _marker(ds), tmp)
+    refused = outbox / REFUSED_DIR / destination_key(dest)
+    for suffix in (OBJECT_SUFFIX, MARKER_SUFFIX):
+        (refused / f"{uid}{suffix}").unlink(missing_ok=True)
+    logger.info("SR %s (study %s) queued again for %s", uid, ds.get("StudyInstanceUID", ""),
+                dest)
+    return uid
+
+
 @dataclass(frozen=True)
 class _Delivery:
     """One pending (SR, destination) pair as its marker describes it."""
@@ -386,11 +427,7 @@ class PacsSender:
         except (ValueError, AttributeError, TypeError) as exc:
             raise InputError(f"SR {sop_uid} (study {study_uid}) cannot be written as "
                              f"Part-10: {exc}") from exc
-        marker = json.dumps({
-            "sop_instance_uid": sop_uid, "sop_class_uid": sop_class, "study_uid": study_uid,
-            "series_uid": str(ds.get("SeriesInstanceUID", "")),
-            "token": uuid.uuid4().hex, "enqueued_at": datetime.now(UTC).isoformat(),
-        }).encode()
+        marker = _marker(ds)
         tmp = self._outbox / TMP_DIR
         with self._lock:
             atomic_write(self._object_path(sop_uid), buffer.getvalue(), tmp)

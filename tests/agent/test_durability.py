@@ -137,6 +137,9 @@ class FailingFlushBus(Bus):
     def ensure_topics(self, topics_: Sequence[str]) -> None:
         self.inner.ensure_topics(topics_)
 
+    def topic_exists(self, topic: str) -> bool:
+        return self.inner.topic_exists(topic)
+
     def ping(self, timeout_s: float = 5.0) -> None:
         self.inner.ping(timeout_s)
 

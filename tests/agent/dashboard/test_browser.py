@@ -204,6 +204,9 @@ def test_dlq_view(page: Any, start_dashboard: Callable[..., Dashboard],
                        value_b64=base64.b64encode(b"\0" * 300).decode(), series_uid="1.2.3.4",
                        failed_at=datetime.now(UTC))
     producer.send(topics.TRIAGE_DLQ, b"1.2.3.4", dump_json(entry))
+    no_series = entry.model_copy(update={"reason": "instance is not readable DICOM",
+                                         "series_uid": None, "source_offset": 78})
+    producer.send(topics.TRIAGE_DLQ, None, dump_json(no_series))
     producer.flush()
     dash = start_dashboard(role={"worker": "http://127.0.0.1:9"})
     log_in(page, dash)
@@ -212,6 +215,9 @@ def test_dlq_view(page: Any, start_dashboard: Callable[..., Dashboard],
     dlq = page.locator("table.dlq").inner_text()
     assert "cannot be decoded: JPEG 2000" in dlq and "dicom.instances[0]@77" in dlq
     assert "300 bytes" in dlq
+    rows = page.locator("table.dlq tbody tr")
+    assert "hust19 dlq retry 0" in rows.filter(has_text="@77").inner_text()
+    assert "cannot be retried" in rows.filter(has_text="@78").inner_text()
     roles = page.locator("section", has_text="The agent's roles").inner_text()
     assert "worker" in roles and "unreachable" in roles
     assert "hust19-dashboard" in page.inner_text("main")  # its own group and lag

@@ -140,3 +140,41 @@ def test_a_batch_flushed_but_not_marked_is_not_published_twice(
     finally:
         bus.close()
         spool.close()
+
+
+def test_a_requeued_series_is_published_again_with_a_new_completion_event(
+        tmp_path: Path) -> None:
+    """``hust19 dlq retry`` of a series: its spooled instances go to the bus again, then a
+    completion event of the next generation; a pruned series cannot be requeued."""
+    from agent.ingest.series import SeriesTracker
+    from agent.ingest.spool import SpoolError, requeue_series
+    from schemas.messages import SeriesEvent
+
+    spool = Spool(tmp_path / "data")
+    bus = open_bus("embedded", tmp_path / "bus")
+    tracker = SeriesTracker(spool, quiet_s=0.2, max_quiet_s=5.0)
+    outbox = Outbox(spool, bus, tracker)
+    try:
+        outbox.start()
+        for i in range(3):
+            spool.store(_info(f"7.{i}"), [b"x" * 100])
+        outbox.wake()
+        first = read_topic(bus, topics.DICOM_SERIES, 1)
+        assert SeriesEvent.model_validate_json(first[0].value).generation == 1
+        with pytest.raises(SpoolError, match="not received"):
+            requeue_series(tmp_path / "data", "1.2.999")
+        assert requeue_series(tmp_path / "data", "1.2.3.4") == 3
+        outbox.wake()
+        events = read_topic(bus, topics.DICOM_SERIES, 2)
+        again = SeriesEvent.model_validate_json(events[1].value)
+        assert again.generation == 2 and again.instance_count == 3
+        instances = read_topic(bus, topics.DICOM_INSTANCES, 6)
+        assert sorted(dict(m.headers)[topics.H_SOP_INSTANCE_UID].decode()
+                      for m in instances) == ["7.0", "7.0", "7.1", "7.1", "7.2", "7.2"]
+        assert spool.prune(time.time() + 1) == 3
+        with pytest.raises(SpoolError, match="deleted by the spool retention"):
+            requeue_series(tmp_path / "data", "1.2.3.4")
+    finally:
+        outbox.stop()
+        bus.close()
+        spool.close()

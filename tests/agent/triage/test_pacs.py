@@ -232,6 +232,54 @@ def test_refusing_destination_goes_to_the_dlq_once_others_still_get_it(
     bus.close()
 
 
+def test_a_refused_sr_is_sent_once_the_pacs_is_fixed_by_dlq_retry(
+        storescp: Callable[..., StoreScp], sr: Dataset, tmp_path: Path) -> None:
+    """The IT side of a refusal: ``hust19 dlq list`` shows the dead letter with its retry
+    command; after the PACS is fixed (here: the refusing storescp replaced by one that
+    accepts, same address), ``hust19 dlq retry`` puts the SR back in the outbox for that PACS
+    and the running sender delivers it. A wrong offset is a clear error."""
+    import sys
+
+    data = tmp_path / "data"
+    refusing = storescp(refuse=True)
+    bus = EmbeddedBus(data / "bus")
+    sender = PacsSender([refusing.destination], data / "sr-outbox", CALLING_AET, timeout_s=5,
+                        dead_letter=BusDeadLetters(bus))
+    sender.enqueue(sr)
+    for _ in range(6):  # a pass that saw only the closed connection retries
+        if sender.pending_count() == 0:
+            break
+        sender.send_pending_once()
+    assert sender.pending_count() == 0 and len(_dead_letters(bus)) == 1
+
+    def hust19(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agent.cli", "dlq", *args, "--data-dir",
+                               str(data)], capture_output=True, text=True, timeout=60)
+
+    listed = hust19("list")
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert entry["retry"] == f"hust19 dlq retry {entry['offset']}"
+    assert str(refusing.destination) in entry["reason"]
+    wrong = hust19("retry", str(entry["offset"] + 7))
+    assert wrong.returncode != 0 and "no dead letter at triage.dlq[0]@" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+
+    refusing.stop()
+    fixed = storescp(port=refusing.port)
+    done = hust19("retry", str(entry["offset"]))
+    assert done.returncode == 0, done.stderr
+    assert f"SR {sr.SOPInstanceUID} queued again for {refusing.destination}" in done.stdout
+    assert sender.pending_count() == 1
+    sender.send_pending_once()
+    assert sender.pending_count() == 0
+    (got,) = fixed.received()
+    assert pydicom.dcmread(got).SOPInstanceUID == sr.SOPInstanceUID
+    refused_dir = data / "sr-outbox" / REFUSED_DIR / destination_key(refusing.destination)
+    assert not list(refused_dir.iterdir())  # the kept copy went back into the outbox
+    bus.close()
+
+
 def _dead_letters(bus: EmbeddedBus) -> list[DeadLetter]:
     consumer = bus.consumer(None, [topics.TRIAGE_DLQ])
     try:
