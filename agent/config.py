@@ -166,8 +166,13 @@ class Settings(BaseModel):
     series_volume_mib: int = Field(512, ge=16, description="The quantitative CT keeps each "
                                    "slice's HU (0.5 MiB per 512 x 512 slice) until the series "
                                    "completes; a series larger than this is not measured (its "
-                                   "CT side says why). Measuring takes about 2.5 times this "
-                                   "more, briefly.")
+                                   "CT side says why). Measuring takes about 2.5 to 3.5 "
+                                   "times the series' HU more, briefly.")
+    worker_volume_mib: int = Field(1024, ge=16, description="HU the worker keeps in all, "
+                                   "over every series arriving at once and the finished ones "
+                                   "kept for late instances: past it the finished ones are "
+                                   "released first, then the largest arriving series is not "
+                                   "measured (its CT side says why).")
     ct_source: Literal["quantitative", "patient_cnn"] = Field(
         "quantitative", description="Which model gives the CT scores the fusion uses: the "
         "quantitative CT (lung involvement in HU) or the HUST-19 patient CNN (a site-trained "

@@ -189,11 +189,17 @@ class SeriesScorer:
             return
         held = self.volume_bytes
         if held > self.max_volume_bytes:
-            self._too_large = (f"series larger than the quantitative CT's memory budget "
-                               f"({len(self._hu)} slices, {held / (1 << 20):.0f} MiB > "
-                               f"{self.max_volume_bytes / (1 << 20):.0f} MiB): not measured")
-            log.warning("series %s: %s", self.series_uid, self._too_large)
-            self.release()
+            self.drop_volume(f"series larger than the quantitative CT's memory budget "
+                             f"({len(self._hu)} slices, {held / (1 << 20):.0f} MiB > "
+                             f"{self.max_volume_bytes / (1 << 20):.0f} MiB): not measured")
+
+    def drop_volume(self, reason: str) -> None:
+        """Give up the quantitative CT of this series for ``reason`` (the caller's memory
+        budget): its HU is dropped, the CNN path goes on, and :meth:`finish` says why."""
+        if self._too_large is None:
+            self._too_large = reason
+            log.warning("series %s: %s", self.series_uid, reason)
+        self.release()
 
     def release(self) -> None:
         """Drop the kept HU slices (memory). A later :meth:`finish` after more slices keeps

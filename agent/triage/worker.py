@@ -100,9 +100,6 @@ EVENT_GRACE_S: Final = 30.0
 """How long a completion event waits for instances it counts but the worker has not read."""
 FINISHED_KEPT: Final = 64
 """Finished series kept in memory so that a late instance can re-complete them."""
-FINISHED_VOLUME_BYTES: Final = 1 << 30
-"""HU volumes of finished series kept for re-completion, at most this much in all (the oldest
-are released first; a late instance for a released series keeps its quantitative CT)."""
 POLL_TIMEOUT_S: Final = 0.5
 MIB: Final = 1 << 20
 LAG_INTERVAL_S: Final = 5.0
@@ -494,6 +491,7 @@ class TriageWorker:
             st.dead += len(batch)
             log.error("series %s: scoring %d slices failed: %s", st.series_uid, len(batch),
                       exc.message)
+        self._keep_volumes_in_budget()
         self.metrics.stage_seconds.labels(stage=STAGE_SLICE_INFERENCE).observe(
             time.perf_counter() - started)
 
@@ -551,12 +549,30 @@ class TriageWorker:
         self._finished[st.series_uid] = st
         while len(self._finished) > FINISHED_KEPT:
             self._finished.popitem(last=False)
-        kept = sum(f.scorer.volume_bytes for f in self._finished.values())
+        self._keep_volumes_in_budget()
+
+    def _keep_volumes_in_budget(self) -> None:
+        """At most ``worker_volume_mib`` of HU in all: finished series' volumes (kept for late
+        instances; a late instance for a released one keeps its quantitative CT) go first,
+        oldest first; then the arriving series holding the most is not measured."""
+        limit = self.settings.worker_volume_mib * MIB
+        held = sum(st.scorer.volume_bytes for st in self._active.values()) + \
+            sum(st.scorer.volume_bytes for st in self._finished.values())
         for finished in self._finished.values():
-            if kept <= FINISHED_VOLUME_BYTES:
-                break
-            kept -= finished.scorer.volume_bytes
+            if held <= limit:
+                return
+            held -= finished.scorer.volume_bytes
             finished.scorer.release()
+        while held > limit:
+            largest = max(self._active.values(), key=lambda st: st.scorer.volume_bytes)
+            size = largest.scorer.volume_bytes
+            if size == 0:
+                return
+            largest.scorer.drop_volume(
+                f"{len(self._active)} series arriving at once held more HU than the worker "
+                f"keeps ({held / MIB:.0f} MiB > worker_volume_mib {limit // MIB} MiB): this "
+                f"one, the largest ({size / MIB:.0f} MiB), is not measured")
+            held -= size
 
     def _triage(self, st: SeriesState, ev: SeriesEvent, *,
                 lookup: LabLookup | None = None) -> TriageResult:
