@@ -48,6 +48,7 @@ RETRY_SERIES: Final = "series"
 SERIES_SOURCES: Final = frozenset({topics.DICOM_INSTANCES, topics.DICOM_SERIES})
 DESTINATION_HEADER: Final = "destination"
 POLL_TIMEOUT_S: Final = 0.5
+POLL_BATCH: Final = 500
 READ_TIMEOUT_S: Final = 30.0
 
 
@@ -92,7 +93,7 @@ def read_entries(bus: Bus) -> list[Entry]:
         end = consumer.end_offsets()
         deadline = time.monotonic() + READ_TIMEOUT_S
         while time.monotonic() < deadline:
-            batch = consumer.poll(POLL_TIMEOUT_S, 500)
+            batch = consumer.poll(POLL_TIMEOUT_S, POLL_BATCH)
             for m in batch:
                 try:
                     out.append(Entry(m.partition, m.offset,
@@ -103,6 +104,9 @@ def read_entries(bus: Bus) -> list[Entry]:
             positions = consumer.positions()
             if not batch and all(positions.get(tp, 0) >= off for tp, off in end.items()):
                 break
+        else:
+            logger.warning("%s: not read to its end within %.0f s; %d dead letters listed",
+                           topics.TRIAGE_DLQ, READ_TIMEOUT_S, len(out))
     finally:
         consumer.close()
     return out
