@@ -209,10 +209,7 @@ def test_refusing_destination_goes_to_the_dlq_once_others_still_get_it(
     sender.enqueue(sr)
     assert sender.pending_count() == 2
     assert sender.send_pending_once() == 1
-    for _ in range(5):  # a pass that saw only the closed connection retries
-        if sender.pending_count() == 0:
-            break
-        sender.send_pending_once()
+    _send_until_settled(sender)
     assert sender.pending_count() == 0
     (dead,) = _dead_letters(bus)
     assert str(refusing.destination) in dead.reason and "rejected" in dead.reason
@@ -246,10 +243,7 @@ def test_a_refused_sr_is_sent_once_the_pacs_is_fixed_by_dlq_retry(
     sender = PacsSender([refusing.destination], data / "sr-outbox", CALLING_AET, timeout_s=5,
                         dead_letter=BusDeadLetters(bus))
     sender.enqueue(sr)
-    for _ in range(6):  # a pass that saw only the closed connection retries
-        if sender.pending_count() == 0:
-            break
-        sender.send_pending_once()
+    _send_until_settled(sender)
     assert sender.pending_count() == 0 and len(_dead_letters(bus)) == 1
 
     def hust19(*args: str) -> subprocess.CompletedProcess[str]:
@@ -278,6 +272,15 @@ def test_a_refused_sr_is_sent_once_the_pacs_is_fixed_by_dlq_retry(
     refused_dir = data / "sr-outbox" / REFUSED_DIR / destination_key(refusing.destination)
     assert not list(refused_dir.iterdir())  # the kept copy went back into the outbox
     bus.close()
+
+
+def _send_until_settled(sender: PacsSender, passes: int = 40) -> None:
+    """Sending passes until nothing is pending: a pass that saw a refusing storescp only as a
+    closed connection (``REFUSED``: about half of them) takes it as transient and retries."""
+    for _ in range(passes):
+        if sender.pending_count() == 0:
+            return
+        sender.send_pending_once()
 
 
 def _dead_letters(bus: EmbeddedBus) -> list[DeadLetter]:
