@@ -15,12 +15,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from pydantic import ValidationError
 
 from agent.bus.interface import Bus, Consumer, Message
 from agent.dashboard.store import (
+    PRUNE_BATCH,
     DeadLetterItem,
     EvidenceItem,
     Item,
@@ -39,6 +41,8 @@ POLL_TIMEOUT_S: Final = 0.2
 POLL_BATCH: Final = 500
 LAG_INTERVAL_S: Final = 2.0
 RETRY_S: Final = 2.0
+PRUNE_INTERVAL_S: Final = 600.0
+"""How often the retention runs (it deletes by age: ten minutes late is within its meaning)."""
 
 _Batch = tuple[list[Item], dict[tuple[str, int], int], int]
 
@@ -83,11 +87,17 @@ class DashboardConsumer:
     commit that changed the store."""
 
     def __init__(self, bus: Bus, store: Store, group_id: str,
-                 on_change: Callable[[], object] | None = None) -> None:
+                 on_change: Callable[[], object] | None = None,
+                 retention: timedelta | None = None) -> None:
+        """``retention``: results and dead letters older than this are deleted from the store
+        (:meth:`Store.prune`) at start and every :data:`PRUNE_INTERVAL_S`; ``None`` keeps
+        everything."""
         self.bus = bus
         self.store = store
         self.group_id = group_id
         self.on_change = on_change
+        self.retention = retention
+        self._pruned_at: float | None = None
         self._consumer: Consumer | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -146,6 +156,28 @@ class DashboardConsumer:
                     self._status.last_error = f"{type(exc).__name__}: {exc}"
                 self._stop.wait(RETRY_S)
 
+    def prune_due(self, now: float | None = None) -> int:
+        """Apply the retention if it is due (at the first call, then every
+        :data:`PRUNE_INTERVAL_S`); how many results and dead letters were deleted."""
+        stamp = time.monotonic() if now is None else now
+        if self.retention is None or (self._pruned_at is not None
+                                      and stamp - self._pruned_at < PRUNE_INTERVAL_S):
+            return 0
+        self._pruned_at = stamp
+        before = datetime.now(UTC) - self.retention
+        deleted = 0
+        while True:
+            stats = self.store.prune(before)
+            deleted += stats.results + stats.dead_letters
+            if stats.results < PRUNE_BATCH and stats.dead_letters < PRUNE_BATCH:
+                break
+        if deleted:
+            logger.info("dashboard retention: %d results and dead letters older than %s "
+                        "deleted", deleted, self.retention)
+            if self.on_change is not None:
+                self.on_change()
+        return deleted
+
     def run_once(self, timeout_s: float = POLL_TIMEOUT_S) -> int:
         """Poll once, store what came, commit; returns the number of messages handled.
 
@@ -154,6 +186,7 @@ class DashboardConsumer:
         failed commit drops nothing: the messages come again and the store ignores them."""
         self.open()
         assert self._consumer is not None
+        self.prune_due()
         if self._pending is None:
             messages = self._consumer.poll(timeout_s, POLL_BATCH)
             if not messages:

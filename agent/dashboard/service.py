@@ -16,6 +16,7 @@ import logging
 import socket
 import threading
 import time
+from datetime import timedelta
 from typing import Final
 
 import uvicorn
@@ -84,8 +85,9 @@ class Dashboard:
             self.store.secret()
             if self.bus is None:
                 self.bus = open_bus(s.bus, s.data_dir)
-            self.consumer = DashboardConsumer(self.bus, self.store, s.consumer_group,
-                                              on_change=self.feed.publish)
+            self.consumer = DashboardConsumer(
+                self.bus, self.store, s.consumer_group, on_change=self.feed.publish,
+                retention=timedelta(days=s.retention_days) if s.retention_days else None)
             self.consumer.start()
             self._open_lis()
             self._serve()

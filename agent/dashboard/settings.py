@@ -79,6 +79,11 @@ class DashboardSettings(BaseModel):
     lis_window_days: float = Field(7.0, ge=0, description="Lab values are shown from this many "
                                    "days around the study (as the worker takes them).")
     page_size: int = Field(50, ge=5, le=500, description="Worklist rows per page.")
+    retention_days: float = Field(0.0, ge=0, description="Results (with their revisions and "
+                                  "thumbnails) ready, and dead letters failed, more than this "
+                                  "many days ago are deleted from the dashboard's database "
+                                  "(checked every 10 minutes); 0 keeps everything. The "
+                                  "acknowledgement audit is kept.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO",
                                                                     description="Log level.")
     log_json: bool = Field(False, description="Write logs as JSON lines.")

@@ -99,6 +99,9 @@ PREFIX: Final = "dashboard_"
 URGENCY: Final = {"type2": 0, "type1": 1, "control": 2}
 URGENCY_SKIPPED: Final = 3
 """Worklist order: Type II, Type I, control, then skipped series; newest first within each."""
+PRUNE_BATCH: Final = 500
+"""Results (and dead letters) deleted per retention transaction, so that a first run over a
+large store does not hold the write lock for long."""
 UNDO_WINDOW_S: Final = 60.0
 """An acknowledgement can be undone by the one who gave it for this long."""
 PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
@@ -325,6 +328,14 @@ class DeadLetterItem:
 
 
 Item = ResultItem | EvidenceItem | DeadLetterItem
+
+
+@dataclass
+class PruneStats:
+    """What one :meth:`Store.prune` deleted (counts only)."""
+
+    results: int = 0
+    dead_letters: int = 0
 
 
 @dataclass
@@ -713,6 +724,29 @@ class Store:
             series_uid=e.series_uid, failed_at=naive_utc(e.failed_at), value_size=size,
             stored_at=now))
         stats.dead_letters += 1
+
+    def prune(self, before: datetime, batch: int = PRUNE_BATCH) -> PruneStats:
+        """Delete the results whose current revision was ready before ``before`` (with their
+        revisions and evidence thumbnails) and the dead letters that failed before it, at
+        most ``batch`` of each in one transaction (the retention; call again while it finds
+        more). The acknowledgement audit stays: it names result IDs and readers only."""
+        cut = naive_utc(before)
+        with self._errors("delete old results"), self._write.begin() as conn:
+            old = [row[0] for row in conn.execute(
+                select(results.c.result_id).where(results.c.result_ready < cut)
+                .order_by(results.c.result_ready).limit(batch))]
+            if old:
+                for table in (evidence_slices, evidence_sets, revisions, results):
+                    conn.execute(delete(table).where(table.c.result_id.in_(old)))
+            letters = conn.execute(
+                select(dead_letters.c.dlq_partition, dead_letters.c.dlq_offset)
+                .where(dead_letters.c.failed_at < cut).order_by(dead_letters.c.failed_at)
+                .limit(batch)).all()
+            for partition, offset in letters:
+                conn.execute(delete(dead_letters).where(
+                    dead_letters.c.dlq_partition == partition,
+                    dead_letters.c.dlq_offset == offset))
+        return PruneStats(len(old), len(letters))
 
     # --- the worklist ------------------------------------------------------------------------
     def worklist(self, flt: WorklistFilter, page: int = 1, page_size: int = 50) -> Page:

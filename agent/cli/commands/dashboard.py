@@ -90,6 +90,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "page (default: lis.sqlite in --data-dir when it exists)")
     g.add_argument("--lis-mapping", type=Path, help="TOML mapping of the hospital's LIS")
     g.add_argument("--page-size", type=int, help="worklist rows per page (default 50)")
+    g.add_argument("--retention-days", type=float, help="delete results and dead letters "
+                   "older than this many days from the dashboard's database (default 0: "
+                   "keep everything; the acknowledgement audit is kept)")
     g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     g.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
 

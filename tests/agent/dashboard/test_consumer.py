@@ -170,3 +170,34 @@ def test_a_failed_commit_does_not_block_the_consumer(tmp_path: Path, store: Stor
     assert store.worklist(WorklistFilter()).total == 2
     consumer.stop()
     bus.close()
+
+
+def test_the_retention_runs_at_start_and_then_every_interval(tmp_path: Path,
+                                                              store: Store) -> None:
+    """With a retention, results older than it are deleted when the consumer starts and at
+    each interval after; the on_change hook tells open browsers."""
+    from datetime import UTC, datetime, timedelta
+
+    from agent.dashboard.consumer import PRUNE_INTERVAL_S
+
+    bus = EmbeddedBus(tmp_path / "bus")
+    producer = bus.producer()
+    now = datetime.now(UTC)
+    publish_result(producer, make_result(1, ready=now - timedelta(days=40)))
+    publish_result(producer, make_result(2, ready=now - timedelta(hours=1)))
+    producer.flush()
+    changes: list[int] = []
+    consumer = DashboardConsumer(bus, store, "dash-retention", on_change=lambda: changes.append(1),
+                                 retention=timedelta(days=30))
+    drain(consumer, 2)  # the first pass pruned an empty store, then the two arrived
+    assert store.worklist(WorklistFilter()).total == 2
+    assert consumer.prune_due(time.monotonic()) == 0, "not due again before the interval"
+    assert consumer.prune_due(time.monotonic() + PRUNE_INTERVAL_S + 1) == 1
+    page = store.worklist(WorklistFilter())
+    assert page.total == 1 and page.rows[0].result_id == make_result(2).result_id
+    assert changes
+    keep_all = DashboardConsumer(bus, store, "dash-keep")
+    assert keep_all.prune_due() == 0
+    consumer.stop()
+    keep_all.stop()
+    bus.close()

@@ -20,9 +20,11 @@ from agent.dashboard.store import (
     STUDY_DATE_INDEX,
     DeadLetterItem,
     EvidenceItem,
+    PruneStats,
     ResultItem,
     Store,
     WorklistFilter,
+    audit,
     content_digest,
     decode_thumbnail,
     local_midnight_utc,
@@ -364,3 +366,27 @@ def test_date_bounds_are_local_days() -> None:
     start = local_midnight_utc(date(2026, 12, 2))
     local = start.replace(tzinfo=UTC).astimezone()
     assert (local.year, local.month, local.day, local.hour, local.minute) == (2026, 12, 2, 0, 0)
+
+
+def test_retention_deletes_old_results_and_dead_letters_and_keeps_the_audit(
+        store: Store) -> None:
+    old, new = make_result(30, ready=T0), make_result(31, ready=T0 + timedelta(days=10))
+    store.apply([ResultItem(old), evidence_item(old), ResultItem(new), evidence_item(new)])
+    assert store.acknowledge(old.result_id, "alice", 1, now=datetime(2026, 12, 1, 9, 0)).ok
+    letter = DeadLetter(reason="instance is not readable DICOM", error_type="InvalidDicomError",
+                        source_topic="dicom.instances", source_partition=0, source_offset=4,
+                        value_b64="", series_uid="1.2.3", failed_at=T0)
+    store.apply([DeadLetterItem(letter, 0, 1), DeadLetterItem(
+        letter.model_copy(update={"failed_at": T0 + timedelta(days=10)}), 0, 2)])
+
+    stats = store.prune(T0 + timedelta(days=5), batch=1)
+    assert (stats.results, stats.dead_letters) == (1, 1)
+    assert store.row(old.result_id) is None and store.detail(old.result_id) is None
+    assert store.thumbnail(old.result_id, 1, 0) is None
+    assert store.row(new.result_id) is not None and store.thumbnail(new.result_id, 1, 0)
+    rows, total = store.dead_letters()
+    assert total == 1 and rows[0].dlq_offset == 2
+    assert store.prune(T0 + timedelta(days=5)) == PruneStats(0, 0)
+    with store._read.begin() as conn:  # the audit of the deleted result stays
+        assert conn.execute(select(audit.c.user_name).where(
+            audit.c.result_id == old.result_id)).scalars().all() == ["alice"]
