@@ -6,11 +6,8 @@ the disk-full run of the issue (0xA700, /readyz 503, recovered with 0 lost) as a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from agent.ingest.status import StoreStatus
 from schemas import topics
 from schemas.errors import BusError
 from tests.fixtures.dicom import copy_series, free_port, read_topic, wait_for
+from tests.fixtures.faults import readyz
 from tests.fixtures.filesystems import tmpfs
 
 MIB = 1 << 20
@@ -71,14 +69,6 @@ def test_a_bus_write_that_fails_on_a_full_disk_is_cut_and_not_called_a_crash(
         assert "interrupted" not in caplog.text and "truncating" not in caplog.text
 
 
-def _readyz(port: int) -> tuple[int, dict[str, str]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as rsp:
-            return rsp.status, json.loads(rsp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_full_disk_answers_out_of_resources_and_loses_nothing_acknowledged(
         running_agent: Callable[..., Agent], tmp_path: Path) -> None:
     """The agent on a 64 MiB data disk, 48 MiB of it taken by a filler file: a 40-instance
@@ -102,7 +92,7 @@ def test_full_disk_answers_out_of_resources_and_loses_nothing_acknowledged(
         refused = [f for f, s in zip(files, statuses, strict=True) if s != StoreStatus.SUCCESS]
         assert ok and refused, statuses
         assert {s for s in statuses if s} == {StoreStatus.OUT_OF_RESOURCES}
-        status, report = _readyz(http)
+        status, report = readyz(http)
         assert status == 503 and report["spool"] != "ok"
         filler.unlink()
         assoc = ae.associate("127.0.0.1", agent.port, ae_title="HUST19")
@@ -112,4 +102,4 @@ def test_full_disk_answers_out_of_resources_and_loses_nothing_acknowledged(
         messages = read_topic(agent.bus, topics.DICOM_INSTANCES, len(files), timeout_s=60)
         sops = [m.header(topics.H_SOP_INSTANCE_UID) for m in messages]
         assert len(sops) == len(set(sops)) == len(files)  # every one, once
-        wait_for(lambda: _readyz(http)[0] == 200, "/readyz to recover", 20)
+        wait_for(lambda: readyz(http)[0] == 200, "/readyz to recover", 20)

@@ -11,8 +11,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from schemas import topics
 from schemas.lis import ALIAS_TABLE, PATIENT_TABLE, RESULT_TABLE
 from schemas.messages import TriageResult
 from tests.fixtures.dicom import SAMPLE, free_port, read_topic, run_storescu
+from tests.fixtures.faults import readyz
 
 pytestmark = pytest.mark.slow
 
@@ -134,29 +133,21 @@ def test_doctor_fails_an_unreachable_lis(tmp_path: Path) -> None:
     assert finding["level"] == "fail" and "not reachable" in finding["message"]
 
 
-def _readyz(port: int) -> tuple[int, dict[str, str]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as rsp:
-            return rsp.status, json.loads(rsp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_readyz_warns_for_an_empty_lis_and_fails_one_without_tables(
         running_agent: Callable[..., Agent], postgres_url: str, tmp_path: Path,
         shared_data: Path) -> None:
     http = free_port()
     agent = running_agent(roles=frozenset({ROLE_WORKER}), http_port=http)  # default LIS
-    status, report = _readyz(http)
+    status, report = readyz(http)
     assert status == 200, report
     assert report["lis"].startswith("warning: LIS sqlite:///")
     assert "holds no patient" in report["lis"] and FILL in report["lis"]
     import_ictcf(shared_data / "ictcf", agent.settings.lis_url, limit=2)
-    assert _readyz(http) == (200, {**report, "lis": "ok"})
+    assert readyz(http) == (200, {**report, "lis": "ok"})
 
     other = free_port()  # a PostgreSQL database without the LIS tables: lookups would fail
     running_agent(roles=frozenset({ROLE_WORKER}), http_port=other, lis=postgres_url)
-    status, report = _readyz(other)
+    status, report = readyz(other)
     assert status == 503
     assert "answers but has no table" in report["lis"]
 

@@ -32,6 +32,7 @@ from tests.fixtures.dicom import (
     run_storescu,
     stop_process,
 )
+from tests.fixtures.faults import wait_metric
 from tests.fixtures.kafka import kafka_test_overrides
 
 pytestmark = pytest.mark.slow
@@ -263,26 +264,6 @@ def _wait_log(log: Path, needle: bytes, timeout_s: float = 60.0) -> None:
         time.sleep(0.1)
 
 
-def _wait_metric(http_port: int, sample: str, at_least: float, timeout_s: float = 60.0) -> None:
-    """Wait until the Prometheus ``sample`` line of the process on ``http_port`` reads at
-    least ``at_least``."""
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
-                text = r.read().decode()
-            value = max((float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                         if line.startswith(sample + " ")), default=0.0)
-            if value >= at_least:
-                return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"{sample} < {at_least} after {timeout_s} s"
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
@@ -309,7 +290,7 @@ def test_kill9_worker_mid_series_gives_exactly_one_sr(
     _wait_log(tmp_path / "worker1.log", b"partitions assigned to this worker")  # joined
     assert run_storescu(_sample_files(), port, "HUST19").returncode == 0
     # mid-series: instances consumed and scored, the series not yet complete (3 s quiet)
-    _wait_metric(http, 'hust19_stage_seconds_count{stage="slice_inference"}', 1.0)
+    wait_metric(http, 'hust19_stage_seconds_count{stage="slice_inference"}', 1.0)
     os.kill(first.pid, signal.SIGKILL)
     first.wait(10)
     assert not list(pacs_dir.iterdir()), "the series completed before the kill"
