@@ -18,7 +18,7 @@ invoke after the work for those messages is finished.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 Headers = list[tuple[str, bytes]]
@@ -88,6 +88,21 @@ class Consumer(ABC):
     @abstractmethod
     def close(self) -> None:
         """Leave the group and release resources (commits nothing by itself)."""
+
+
+def read_to_end(consumer: Consumer, *, poll_timeout_s: float, max_records: int,
+                follow: bool = False) -> Iterator[list[Message]]:
+    """The batches ``consumer`` polls (empty ones too, so that a caller can watch the clock)
+    until it has read everything that was on its partitions when this started; with
+    ``follow``, until the caller stops iterating."""
+    end = consumer.end_offsets()
+    while True:
+        batch = consumer.poll(poll_timeout_s, max_records)
+        yield batch
+        if not follow and not batch:
+            positions = consumer.positions()
+            if all(positions.get(tp, 0) >= offset for tp, offset in end.items()):
+                return
 
 
 class Bus(ABC):

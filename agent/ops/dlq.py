@@ -28,7 +28,7 @@ from typing import Final
 
 from pydantic import ValidationError
 
-from agent.bus.interface import Bus
+from agent.bus.interface import Bus, read_to_end
 from agent.config import PacsDestination
 from agent.ingest.spool import requeue_series
 from agent.triage.pacs import OUTBOX_SUBDIR, requeue_refused
@@ -90,10 +90,9 @@ def read_entries(bus: Bus) -> list[Entry]:
     out: list[Entry] = []
     consumer = bus.consumer(None, [topics.TRIAGE_DLQ])
     try:
-        end = consumer.end_offsets()
         deadline = time.monotonic() + READ_TIMEOUT_S
-        while time.monotonic() < deadline:
-            batch = consumer.poll(POLL_TIMEOUT_S, POLL_BATCH)
+        for batch in read_to_end(consumer, poll_timeout_s=POLL_TIMEOUT_S,
+                                 max_records=POLL_BATCH):
             for m in batch:
                 try:
                     out.append(Entry(m.partition, m.offset,
@@ -101,12 +100,10 @@ def read_entries(bus: Bus) -> list[Entry]:
                 except ValidationError:
                     logger.warning("%s[%d]@%d is not a dead letter: skipped", m.topic,
                                    m.partition, m.offset)
-            positions = consumer.positions()
-            if not batch and all(positions.get(tp, 0) >= off for tp, off in end.items()):
+            if time.monotonic() >= deadline:
+                logger.warning("%s: not read to its end within %.0f s; %d dead letters "
+                               "listed", topics.TRIAGE_DLQ, READ_TIMEOUT_S, len(out))
                 break
-        else:
-            logger.warning("%s: not read to its end within %.0f s; %d dead letters listed",
-                           topics.TRIAGE_DLQ, READ_TIMEOUT_S, len(out))
     finally:
         consumer.close()
     return out

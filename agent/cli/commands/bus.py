@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent.bus.factory import open_bus
-from agent.bus.interface import Bus, Message
+from agent.bus.interface import Bus, Message, read_to_end
 from agent.cli.logs import setup_logging
 from agent.config import Settings, load_settings
 from schemas.errors import InputError
@@ -85,19 +85,14 @@ def dump(args: argparse.Namespace) -> int:
     try:
         consumer = bus.consumer(None, [args.topic])
         try:
-            end = consumer.end_offsets()
-            while args.max is None or printed < args.max:
-                batch = consumer.poll(POLL_TIMEOUT_S, POLL_BATCH)
-                for m in batch:
-                    if args.max is not None and printed >= args.max:
-                        break
+            for batch in read_to_end(consumer, poll_timeout_s=POLL_TIMEOUT_S,
+                                     max_records=POLL_BATCH, follow=args.follow):
+                for m in batch[:None if args.max is None else args.max - printed]:
                     sys.stdout.write(json.dumps(message_json(m)) + "\n")
                     printed += 1
                 sys.stdout.flush()
-                if not args.follow and not batch:
-                    pos = consumer.positions()
-                    if all(pos.get(tp, 0) >= off for tp, off in end.items()):
-                        break
+                if args.max is not None and printed >= args.max:
+                    break
         finally:
             consumer.close()
     except BrokenPipeError:
