@@ -50,17 +50,23 @@ def message_json(m: Message) -> dict[str, Any]:
     }
 
 
-def _open(args: argparse.Namespace, settings: Settings) -> Bus:
+def open_existing_bus(settings: Settings) -> Bus:
+    """The settings' bus for reading, without creating one: an embedded bus must already be
+    in the data directory (:class:`InputError` naming what is missing)."""
     if settings.bus == "embedded":
         bus_dir = settings.data_dir / "bus"
         if not settings.data_dir.is_dir():
             raise InputError(f"data directory {settings.data_dir} does not exist")
         if not (bus_dir / "topics").is_dir():
             raise InputError(f"no embedded bus in {settings.data_dir} ({bus_dir} is missing)")
-    # The retention only shows in the startup line: dump never flushes a producer, so it
+    # The retention only shows in the startup line: a reader never flushes a producer, so it
     # never deletes anything.
-    bus = open_bus(settings.bus, settings.data_dir, retention_h=settings.bus_retention_h,
-                   kafka_client=settings.kafka_client_settings)
+    return open_bus(settings.bus, settings.data_dir, retention_h=settings.bus_retention_h,
+                    kafka_client=settings.kafka_client_settings)
+
+
+def _open(args: argparse.Namespace, settings: Settings) -> Bus:
+    bus = open_existing_bus(settings)
     try:
         bus.ping(PING_TIMEOUT_S)
         exists = getattr(bus, "topic_exists", None)

@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.bus.factory import open_bus
-from agent.bus.interface import Bus
+from agent.cli.commands.bus import open_existing_bus
 from agent.cli.logs import setup_logging
 from agent.config import Settings, load_settings
 from agent.ops.dlq import Entry, read_entries, retry, retry_command
@@ -29,16 +28,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _open(settings: Settings) -> Bus:
-    if settings.bus == "embedded" and not (settings.data_dir / "bus" / "topics").is_dir():
-        raise InputError(f"no embedded bus in {settings.data_dir} "
-                         f"({settings.data_dir / 'bus'} is missing)")
-    return open_bus(settings.bus, settings.data_dir, retention_h=settings.bus_retention_h,
-                    kafka_client=settings.kafka_client_settings)
-
-
 def _entries(settings: Settings) -> list[Entry]:
-    bus = _open(settings)
+    bus = open_existing_bus(settings)
     try:
         return read_entries(bus)
     finally:
