@@ -83,6 +83,7 @@ from pynetdicom.status import (
 
 from agent.config import PacsDestination, Settings
 from agent.durable import atomic_write, fsync_dir
+from agent.ingest.pynetdicom_replacements import keep_responses_for_caller
 from agent.ops.metrics import STAGE_SR_SEND, Metrics
 from agent.triage.uids import is_valid_uid
 from schemas import topics
@@ -308,7 +309,7 @@ def _associate(dest: PacsDestination, calling_ae: str, abstract_syntaxes: list[s
                         for p in heard) or reason.startswith("association accepted but")
         raise _AssociationFailed(reason, permanent=permanent, unreachable=not heard)
     try:
-        yield assoc
+        yield keep_responses_for_caller(assoc)
     finally:
         if assoc.is_established:
             assoc.release()

@@ -18,6 +18,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from agent.app import Agent
 from agent.bus.embedded import EmbeddedBus
+from agent.ingest.pynetdicom_replacements import keep_responses_for_caller
 from agent.ingest.spool import POOL_FILE_BYTES, POOL_MAX_FREE_SHARE, Spool
 from agent.ingest.status import StoreStatus
 from schemas import topics
@@ -85,7 +86,7 @@ def test_full_disk_answers_out_of_resources_and_loses_nothing_acknowledged(
                               series_quiet_s=0.5)
         ae = AE(ae_title="PYSCU")
         ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
-        assoc = ae.associate("127.0.0.1", agent.port, ae_title="HUST19")
+        assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
         statuses = [int(assoc.send_c_store(dcmread(f)).Status) for f in files]
         assoc.release()
         ok = [f for f, s in zip(files, statuses, strict=True) if s == StoreStatus.SUCCESS]
@@ -95,7 +96,7 @@ def test_full_disk_answers_out_of_resources_and_loses_nothing_acknowledged(
         status, report = readyz(http)
         assert status == 503 and report["spool"] != "ok"
         filler.unlink()
-        assoc = ae.associate("127.0.0.1", agent.port, ae_title="HUST19")
+        assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
         again = [int(assoc.send_c_store(dcmread(f)).Status) for f in refused]
         assoc.release()
         assert set(again) == {0}

@@ -25,6 +25,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from agent.app import Agent
 from agent.ingest.guard import EVICT_AFTER_S, MAX_ASSOCIATE_RQ_BYTES, MAX_PDU_BYTES
+from agent.ingest.pynetdicom_replacements import keep_responses_for_caller
 from agent.ingest.status import StoreStatus
 from tests.fixtures.dicom import SAMPLE, dataset_offset, wait_for
 from tests.fixtures.fuzz import deep_sequence, mutants, send_raw
@@ -88,7 +89,7 @@ def test_a_p_data_pdu_longer_than_announced_aborts_the_association(
     agent = running_agent()
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", agent.port, ae_title="HUST19")
+    assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
     assert assoc.is_established
     assert assoc.acceptor.maximum_length == MAX_PDU_BYTES  # what the SCP announced
     raw = assoc.dul.socket.socket
@@ -266,7 +267,7 @@ def test_instances_whose_lengths_or_syntax_contradict_the_bytes_are_refused(
 
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
-        assoc = ae.associate("127.0.0.1", agent.port, ae_title="HUST19")
+        assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
         answers = [assoc.send_c_store(f) for f in files]
         assert assoc.is_established
         assoc.release()
@@ -303,7 +304,7 @@ def test_an_instance_past_max_instance_mib_aborts_its_association(
     ds.PixelData = bytes(1024 * 1024 * 2)
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage, [str(ds.file_meta.TransferSyntaxUID)])
-    assoc = ae.associate("127.0.0.1", agent.port, ae_title="HUST19")
+    assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
     assert assoc.is_established
     answer = assoc.send_c_store(ds)
     assert "Status" not in answer

@@ -22,6 +22,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from agent.app import Agent
 from agent.bus.factory import open_bus
 from agent.bus.interface import Bus, Message
+from agent.ingest.pynetdicom_replacements import keep_responses_for_caller
 from agent.ingest.status import StoreStatus
 from schemas import topics
 from schemas.messages import INSTANCE_SCHEMA
@@ -146,7 +147,7 @@ def test_raw_bytes_are_kept_exactly_as_received(running_agent: Callable[..., Age
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.4.70"])
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
-        assoc = ae.associate("127.0.0.1", agent.port, ae_title="HUST19")
+        assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
         # normal001 lacks Media Storage SOP Instance UID in its file meta: give it one
         for path in files:
             assert assoc.send_c_store(_with_full_meta(path, tmp_path)).Status == StoreStatus.SUCCESS
@@ -219,7 +220,7 @@ def test_bad_datasets_get_failure_status_and_quarantine_while_good_ones_succeed(
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage, [p002.file_meta.TransferSyntaxUID])
     ae.add_requested_context(CTImageStorage, [truncated.file_meta.TransferSyntaxUID])
-    assoc = ae.associate("127.0.0.1", agent.port, ae_title="HUST19")
+    assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
     assert assoc.is_established
     try:
         statuses = [assoc.send_c_store(good[0]).Status,
@@ -258,7 +259,7 @@ def test_unparseable_bytes_are_refused_and_quarantined(running_agent: Callable[.
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
     _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are
     try:
-        assoc = ae.associate("127.0.0.1", agent.port, ae_title="HUST19")
+        assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
         status = assoc.send_c_store(bad).Status
         ok = assoc.send_c_store(src).Status
         assoc.release()
@@ -305,8 +306,8 @@ def test_tls_with_client_certificates(running_agent: Callable[..., Agent],
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
-    assoc = ae.associate("127.0.0.1", agent.port, ae_title="HUST19",
-                         tls_args=(client(True), "localhost"))
+    assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19",
+                                                   tls_args=(client(True), "localhost")))
     assert assoc.is_established
     assert assoc.send_c_echo().Status == StoreStatus.SUCCESS
     assert assoc.send_c_store(sorted(SAMPLE.glob("*.dcm"))[0]).Status == StoreStatus.SUCCESS

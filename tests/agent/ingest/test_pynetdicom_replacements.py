@@ -8,13 +8,15 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pynetdicom
 import pytest
+from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from agent.ingest import pynetdicom_replacements as replacements
 from agent.ingest.guard import ConnectionGuard, Limits
@@ -26,10 +28,13 @@ from agent.ingest.pynetdicom_replacements import (
     _PromptRequestHandler,
     bound_dul,
     encode_store_success,
+    keep_responses_for_caller,
     mirrors_installed_pynetdicom,
     request_handler,
 )
 from agent.ingest.status import StoreStatus
+from tests.fixtures.dicom import free_port, stop_process
+from tests.fixtures.faults import start_storescp
 
 
 def test_installed_pynetdicom_is_the_series_the_replacements_mirror() -> None:
@@ -135,3 +140,31 @@ def test_only_store_requests_skip_the_reactor_queue() -> None:
         messages.put((5, msg))
     assert assoc.requests == [(store, 5)]
     assert [messages.get_nowait()[1] for _ in range(messages.qsize())] == [echo, response]
+
+
+def test_a_requestor_gets_every_response_while_its_reactor_runs(tmp_path: Path) -> None:
+    """The window that pynetdicom's stale pause flag opens, held open: requests sent while the
+    requestor's reactor runs (as ``send_c_store`` does when the reactor has not really paused)
+    and each response awaited as ``send_c_store`` awaits it, against dcmtk ``storescp``.
+    Without :func:`keep_responses_for_caller` the reactor took 40 of 100 responses here and
+    each cost the sender its DIMSE timeout; with it none is lost."""
+    port = free_port()
+    pacs = start_storescp(tmp_path / "pacs", port)
+    ae = AE(ae_title="RACE")
+    ae.add_requested_context(Verification)
+    ae.dimse_timeout = 2
+    assoc = keep_responses_for_caller(ae.associate("127.0.0.1", port, ae_title="PACS"))
+    try:
+        assert assoc.is_established
+        context_id = assoc.accepted_contexts[0].context_id
+        statuses = []
+        for message_id in range(1, 41):
+            req = C_ECHO()
+            req.MessageID, req.AffectedSOPClassUID = message_id, Verification
+            assoc.dimse.send_msg(req, context_id)
+            _, rsp = assoc.dimse.get_msg(block=True)
+            statuses.append(None if rsp is None else rsp.Status)
+        assert statuses == [StoreStatus.SUCCESS] * 40
+    finally:
+        assoc.release()
+        stop_process(pacs)

@@ -13,6 +13,7 @@ from pydicom.uid import generate_uid
 
 from agent.app import Agent
 from agent.bus.embedded import EmbeddedBus
+from agent.ingest.pynetdicom_replacements import keep_responses_for_caller
 from agent.ingest.series import RELEASED_FILE, SeriesTracker
 from agent.ingest.spool import InstanceInfo, Spool, StoreOutcome
 from schemas import topics
@@ -180,7 +181,7 @@ def test_an_aborted_then_resent_series_completes_once_with_every_instance(
     agent = running_agent(series_quiet_s=0.5, series_aborted_quiet_s=60.0)
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
-    assoc = ae.associate("127.0.0.1", agent.port, ae_title="HUST19")
+    assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
     for path in files[:10]:
         assert assoc.send_c_store(path).Status == 0
     assoc.abort()
@@ -191,4 +192,8 @@ def test_an_aborted_then_resent_series_completes_once_with_every_instance(
     assert run_storescu(files, agent.port, "HUST19").returncode == 0
     (event,) = _series_events(agent, 1)
     assert event.instance_count == 30 and event.reason == "quiet_after_release"
+    # the outbox records the completion just after the event is on the bus
+    wait_for(lambda: agent.spool is not None and all(
+        s.series_uid != event.series_uid for s in agent.spool.open_series()),
+        "the completion recorded")
     assert agent.tracker.due(now=time.time() + 3600) == []
