@@ -53,13 +53,19 @@ def _wait(condition: Callable[[], bool], what: str, timeout_s: float = RESULT_WA
 
 def _kill_during_send(agent: AgentProcess, files: list[Path], port: int,
                       rng: random.Random) -> set[str]:
-    """Send ``files`` and SIGKILL the agent at a random moment of the send; what it
-    acknowledged before it died."""
-    delay = rng.uniform(0.3, 1.5)
+    """Send ``files`` and SIGKILL the agent in the middle of the send (0-10 ms after a random
+    answer, so usually while the next instance is on its way, whatever the machine's speed);
+    what it acknowledged before it died."""
+    after, delay = rng.randint(1, len(files) - 2), rng.uniform(0.0, 0.01)
     killer = threading.Timer(delay, agent.kill9)
-    killer.start()
-    sent = send_series(files, port)
-    killer.join()
+
+    def answered(n: int) -> None:
+        if n == after:
+            killer.start()
+
+    sent = send_series(files, port, on_answer=answered)
+    if killer.ident is not None:  # started
+        killer.join()
     assert not agent.alive()
     return sent.acknowledged
 
@@ -121,7 +127,10 @@ def test_kill9_mid_send_then_resend_loses_nothing_and_triages_once(
         acknowledged = _kill_during_send(agent, files, port, rng)
         agent.start()  # restarted on the same data
         again = send_series(files, port)
-        assert again.acknowledged == {sop_uid(f) for f in files} and not again.refused
+        assert again.acknowledged == {sop_uid(f) for f in files} and not again.refused, (
+            f"resend: {len(again.acknowledged)} acknowledged, refused {again.refused}, "
+            f"{again.broken} unanswered; {agent.role} log:\n"
+            f"{agent.log.read_text(errors='replace')[-3000:]}")
         _wait(lambda: any(p.name.startswith("SR") for p in pacs_dir.iterdir()), "the SR")
         for p in reversed(running):
             p.stop()
