@@ -6,6 +6,7 @@ It is the default for one edge box. Layout under ``root`` (``data_dir/bus``)::
                                           the records from offset <base offset> on
     groups/<group>/<topic>.offset.json    committed next offset of that group on that topic
     groups/<group>/<topic>.lock           held (flock) by the group member that owns the topic
+    groups/<group>/commit-<topics>.json   a commit of several topics, until each is written
 
 A topic's log is a sequence of segments, as on Kafka. Appends go to the newest, the active
 segment; before an append would take it past ``segment_bytes`` (:data:`SEGMENT_BYTES`) it is
@@ -33,6 +34,12 @@ Guarantees and how they are kept:
   closed: only their record lengths are read to index them. Every later append first checks,
   under the same lock, that the active segment ends where its last complete record ends, so an
   append never lands after garbage.
+* **Commits of several topics at once** are all or nothing, as one OffsetCommit request is on
+  Kafka: the offsets are first written together to one file (``commit-<topics>.json``, atomic
+  and durable), then to each topic's offset file, then that file is removed. A member that
+  claims a topic first carries any such file's offset for it forward (never back), so a crash
+  between two offset files cannot leave one topic committed and the other not (the worker would
+  then see a series' completion event again without its instances, already committed).
 * **Several processes on one box.** Appends, rolls and retention run under ``flock``
   (``LOCK_EX``) on the topic's directory, so several producers (ingest outbox, worker) in
   different processes interleave whole records only and agree on the active segment. Readers
@@ -118,6 +125,8 @@ _SEGMENT_NAME: Final = re.compile(r"^(\d{1,20})\.log$")
 _TIMESTAMP: Final = struct.Struct(">q")  # the first field of a record body
 
 _TOPIC_NAME: Final = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+COMMIT_INTENT_GLOB: Final = "commit-*.json"
+"""In a group's folder: the offsets of one commit of several topics, until each is written."""
 """The characters Kafka allows in a topic name; they are also safe as a file name."""
 
 
@@ -894,6 +903,7 @@ class EmbeddedConsumer(Consumer):
                     continue
                 raise BusError(f"embedded bus: cannot lock {path}: {exc}") from exc
             self._lock_fds[topic] = fd
+            self._finish_commits(topic)
             self._positions[topic] = self._committed(topic)
             logger.info("embedded bus: group %s owns topic %s from offset %d",
                         self.group_id, topic, self._positions[topic])
@@ -975,7 +985,42 @@ class EmbeddedConsumer(Consumer):
                                f"member of group {self.group_id}")
             if offset < 0 or offset > self._logs[topic].refresh():
                 raise BusError(f"cannot commit offset {offset} on {topic}: out of range")
+        by_topic = {topic: offset for (topic, _), offset in offsets.items()}
+        if len(by_topic) < 2:
+            for topic, offset in by_topic.items():
+                self._write_offset(topic, offset)
+            return
+        intent = self._group_dir / f"commit-{'+'.join(sorted(by_topic))}.json"
+        try:
+            atomic_write(intent, json.dumps(by_topic).encode())
+        except OSError as exc:
+            raise BusError(f"embedded bus: commit of {by_topic} for group {self.group_id} "
+                           f"failed: {exc}") from exc
+        for topic, offset in by_topic.items():
             self._write_offset(topic, offset)
+        with contextlib.suppress(OSError):
+            intent.unlink()  # a leftover is harmless: it only carries these offsets forward
+
+    def _finish_commits(self, topic: str) -> None:
+        """Carry ``topic``'s offset forward to where an interrupted commit of several topics
+        put it (module docstring); such a file goes once this member owns all its topics."""
+        assert self._group_dir is not None
+        for intent in sorted(self._group_dir.glob(COMMIT_INTENT_GLOB)):
+            try:
+                planned = {str(t): int(o) for t, o in json.loads(intent.read_bytes()).items()}
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, TypeError, AttributeError) as exc:
+                raise BusError(f"embedded bus: commit file {intent} is unreadable: "
+                               f"{exc}") from exc
+            if topic in planned and planned[topic] > self._committed(topic):
+                logger.warning("embedded bus: group %s: a commit of %s was interrupted; topic "
+                               "%s committed at offset %d as it intended", self.group_id,
+                               ", ".join(sorted(planned)), topic, planned[topic])
+                self._write_offset(topic, planned[topic])
+            if all(t in self._lock_fds and self._committed(t) >= o for t, o in planned.items()):
+                with contextlib.suppress(OSError):
+                    intent.unlink()
 
     def _write_offset(self, topic: str, offset: int) -> None:
         path = self._offset_path(topic)

@@ -423,6 +423,53 @@ def test_embedded_second_group_member_waits_then_takes_over(tmp_path: Path) -> N
     bus.close()
 
 
+COMMITTER = """
+import os, sys
+from pathlib import Path
+from agent.bus.embedded import EmbeddedBus, EmbeddedConsumer
+bus = EmbeddedBus(Path(sys.argv[1]))
+consumer = bus.consumer("g", ["a", "b"])
+assert consumer.assignment() == {("a", 0), ("b", 0)}
+write = EmbeddedConsumer._write_offset
+written = []
+def write_then_die(self, topic, offset):
+    if written:  # killed between the two offset files
+        os._exit(9)
+    write(self, topic, offset)
+    written.append(topic)
+EmbeddedConsumer._write_offset = write_then_die
+consumer.commit({("a", 0): 3, ("b", 0): 2})
+"""
+
+
+def test_embedded_commit_of_two_topics_is_all_or_nothing_across_a_crash(
+        tmp_path: Path) -> None:
+    """The process dies after the first of two offset files: the next member of the group
+    finds both topics committed (what the worker needs: a series' instances and its completion
+    event committed together, or neither)."""
+    bus = EmbeddedBus(tmp_path)
+    _fill(bus, "a", 4)
+    _fill(bus, "b", 4)
+    crashed = subprocess.run([sys.executable, "-c", COMMITTER, str(tmp_path)], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert crashed.returncode == 9, crashed.stderr
+    files = {p.name for p in (tmp_path / "groups" / "g").iterdir()}
+    assert "commit-a+b.json" in files and len({"a.offset.json", "b.offset.json"} & files) == 1
+    member = bus.consumer("g", ["a", "b"])
+    assert member.assignment() == {("a", 0), ("b", 0)}
+    assert member.positions() == {("a", 0): 3, ("b", 0): 2}
+    assert not (tmp_path / "groups" / "g" / "commit-a+b.json").exists()
+    assert sorted(m.value for m in drain(member, 3)) == [b"record-2", b"record-3", b"record-3"]
+    member.commit({("a", 0): 4, ("b", 0): 4})
+    assert not list((tmp_path / "groups" / "g").glob("commit-*.json"))
+    member.close()
+    again = bus.consumer("g", ["a", "b"])
+    again.assignment()
+    assert again.positions() == {("a", 0): 4, ("b", 0): 4}
+    again.close()
+    bus.close()
+
+
 WRITER = """
 import sys
 from pathlib import Path
