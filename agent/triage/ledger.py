@@ -119,6 +119,17 @@ class ResultLedger:
             except sqlite3.Error as exc:
                 raise StorageError(f"result ledger {self.path}: {exc}") from exc
 
+    def published_revision(self, result_id: str) -> int | None:
+        """The newest revision of ``result_id`` whose result is on the bus, if any."""
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT MAX(revision) FROM result_revision WHERE "
+                                       "result_id = ? AND published = 1",
+                                       (result_id,)).fetchone()
+            except sqlite3.Error as exc:
+                raise StorageError(f"result ledger {self.path}: {exc}") from exc
+        return None if row is None or row[0] is None else int(row[0])
+
     def _previous(self, result_id: str, revision: int) -> tuple[str, str] | None:
         row = self._db.execute(
             "SELECT sr_series_uid, sr_instance_uid FROM result_revision "

@@ -534,8 +534,16 @@ class TriageWorker:
         self._score(st)
         ev = st.event
         try:
-            result = self._triage(st, ev)
-            self._publish(result)
+            standing = (self.ledger.published_revision(result_id(ev.series_uid))
+                        if st.seen == 0 else None)
+            if standing is not None:
+                # its instances were committed with the result of an earlier run; "nothing
+                # could be read" must not replace that result
+                log.warning("series %s: completion event (generation %d) read again without "
+                            "any of its instances: the published revision %d stands, nothing "
+                            "is redone", ev.series_uid, ev.generation, standing)
+            else:
+                self._publish(self._triage(st, ev))
         except (BusError, StorageError):
             raise  # not finished: offsets stay in flight, the loop retries
         except Hust19Error as exc:

@@ -346,3 +346,42 @@ def test_labs_that_arrive_later_are_a_new_revision_with_a_new_sr_naming_the_firs
     replaced = pydicom.dcmread(srs[first.sr_sop_instance_uid])
     assert series.SeriesInstanceUID == replaced.SeriesInstanceUID  # the ledger's, not derived
     assert "HUST-19 clinical-feature model" in _dsrdump_ok(srs[second.sr_sop_instance_uid])
+
+
+def test_a_completion_event_read_again_without_its_instances_leaves_the_result_standing(
+        running_agent: Callable[..., Agent], storescp: Callable[..., tuple[int, Path]],
+        tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The group's commit is on ``dicom.instances`` but not on ``dicom.series`` (a crash between
+    the two, or a bus that commits topics one by one): the restarted worker reads the series'
+    completion event again without any of its instances. The published result stands; no
+    "skipped: no instance of the series could be read" revision replaces it (seen on CI)."""
+    from agent.triage import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "EVENT_GRACE_S", 0.5)
+    pacs_port, _ = storescp(aet="PACS")
+    data = tmp_path / "data"
+    settings = {"roles": ALL_ROLES, "data_dir": data, "pacs": [f"127.0.0.1:{pacs_port}:PACS"],
+                "lis": linked_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data),
+                "series_quiet_s": 1.0}
+    agent = running_agent(**settings)
+    assert run_storescu(_sample_files(), agent.port, "HUST19").returncode == 0
+    (first,) = _results(agent, 1)
+    assert first.status == "triaged"
+    groups, deadline = data / "bus" / "groups", time.monotonic() + SR_WAIT_S
+    while not [p for p in groups.glob("*/dicom.series.offset.json")
+               if b'"next_offset": 1' in p.read_bytes()]:
+        assert time.monotonic() < deadline, "the worker never committed the series event"
+        time.sleep(0.1)
+    (series_offset,) = groups.glob("*/dicom.series.offset.json")
+    agent.stop(timeout_s=10.0)
+    series_offset.unlink()  # the series topic's commit lost, the instances' kept
+    caplog.set_level("WARNING", logger="agent.triage.worker")
+    again = running_agent(**settings)
+    deadline = time.monotonic() + SR_WAIT_S
+    while "read again without any of its instances" not in caplog.text:
+        assert time.monotonic() < deadline, caplog.text[-2000:]
+        time.sleep(0.1)
+    results = [TriageResult.model_validate_json(m.value)
+               for m in read_topic(again.bus, topics.TRIAGE_RESULTS, 1)]
+    assert [(r.revision, r.status) for r in results] == [(1, "triaged")]
