@@ -104,15 +104,33 @@ def test_a_data_folder_without_the_series_is_a_one_line_error(tmp_path: Path) ->
     assert "Traceback" not in run.stderr
 
 
+def _weights(model: bytes) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t)
+            for t in onnx.load_from_string(model).graph.initializer}
+
+
 def test_training_twice_on_one_machine_gives_the_same_model(shared_data: Path,
                                                             first_run: FirstRun,
                                                             tmp_path: Path) -> None:
-    """Same data, seed and machine: byte-identical ONNX weights and out-of-fold scores
-    (across CPUs the rounding differs, ``docs/models/cf.md``)."""
+    """Same data, seed and machine: the same graph, weights and out-of-fold scores to float
+    rounding (usually the same bytes; once, on CI, one weight differed in its last bit; across
+    CPUs the rounding differs more, ``docs/models/cf.md``)."""
     run = _train(shared_data, tmp_path, "--epochs", "1")
     assert run.returncode == 0, run.stderr
-    assert (tmp_path / "patient.onnx").read_bytes() == first_run.onnx
-    assert (tmp_path / OOF_CSV).read_text() == first_run.oof
+    again, first = _weights((tmp_path / "patient.onnx").read_bytes()), _weights(first_run.onnx)
+    assert again.keys() == first.keys() and len(first) > 4
+    for name, array in first.items():
+        np.testing.assert_allclose(again[name], array, rtol=1e-5, atol=1e-7, err_msg=name)
+    again_rows, first_rows = (list(csv.DictReader(io.StringIO(text))) for text in
+                              ((tmp_path / OOF_CSV).read_text(), first_run.oof))
+    keys = ("pseudo_patient_id", "label", "fold")
+    assert [[r[k] for k in keys] for r in again_rows] == [[r[k] for k in keys] for r in first_rows]
+    np.testing.assert_allclose([[float(r[c]) for c in PATIENT_CLASSES] for r in again_rows],
+                               [[float(r[c]) for c in PATIENT_CLASSES] for r in first_rows],
+                               atol=2e-6)  # the CSV keeps 6 decimals
 
 
 def test_site_patients_train_with_out_of_fold_report_and_card(tiny_site: Site,
