@@ -125,9 +125,9 @@ _SEGMENT_NAME: Final = re.compile(r"^(\d{1,20})\.log$")
 _TIMESTAMP: Final = struct.Struct(">q")  # the first field of a record body
 
 _TOPIC_NAME: Final = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+"""The characters Kafka allows in a topic name; they are also safe as a file name."""
 COMMIT_INTENT_GLOB: Final = "commit-*.json"
 """In a group's folder: the offsets of one commit of several topics, until each is written."""
-"""The characters Kafka allows in a topic name; they are also safe as a file name."""
 
 
 def _check_topic(topic: str) -> None:
