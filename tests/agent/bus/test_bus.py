@@ -119,7 +119,7 @@ def test_uncommitted_messages_are_redelivered_committed_ones_are_not(
     producer = bus.producer()
     for i in range(6):
         producer.send(topic, b"k", f"m{i}".encode())
-    producer.flush()
+    producer.close()
 
     first = bus.consumer(group, [topic])
     seen = drain(first, 6)

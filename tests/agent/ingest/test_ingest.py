@@ -7,7 +7,7 @@ import json
 import ssl
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -112,20 +112,25 @@ def bus_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("fresh_kafka_broker"))
 
 
-def _open(url: str, data_dir: Path) -> Bus:
-    if url == "embedded":
-        return open_bus(url, data_dir)
-    from agent.bus.kafka import KafkaBus
+@pytest.fixture
+def bus(bus_url: str, tmp_path: Path) -> Iterator[Bus]:
+    """The bus at ``bus_url`` for an agent with data in ``tmp_path / "data"``; closed after the
+    agent (request it before ``running_agent``)."""
+    if bus_url == "embedded":
+        opened = open_bus(bus_url, tmp_path / "data")
+    else:
+        from agent.bus.kafka import KafkaBus
 
-    return KafkaBus([url.removeprefix("kafka://")], **kafka_test_overrides())
+        opened = KafkaBus([bus_url.removeprefix("kafka://")], **kafka_test_overrides())
+    yield opened
+    opened.close()
 
 
 def test_normal001_jpeg_lossless_lands_byte_identical(
-        bus_url: str, running_agent: Callable[..., Agent], storescp: StoreScp,
+        bus: Bus, running_agent: Callable[..., Agent], storescp: StoreScp,
         chest_series: Path, tmp_path: Path) -> None:
     files = sorted((chest_series / "normal001").iterdir())
     data_dir = tmp_path / "data"
-    bus = _open(bus_url, data_dir)
     agent = running_agent(bus_obj=bus, data_dir=data_dir, allow_ae=["STORESCU"])
     result = run_storescu(files, agent.port, "HUST19", extra=["-xs"])
     assert result.returncode == 0, result.stderr
@@ -166,12 +171,11 @@ def long_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.mark.slow
 def test_uncompressed_300_slice_series_lands_byte_identical(
-        bus_url: str, running_agent: Callable[..., Agent], storescp: StoreScp,
+        bus: Bus, running_agent: Callable[..., Agent], storescp: StoreScp,
         long_series: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     files = long_series
     assert len(files) == 300
     data_dir = tmp_path / "data"
-    bus = _open(bus_url, data_dir)
     agent = running_agent(bus_obj=bus, data_dir=data_dir)
     t0 = time.monotonic()
     result = run_storescu(files, agent.port, "HUST19")
@@ -179,7 +183,7 @@ def test_uncompressed_300_slice_series_lands_byte_identical(
     assert result.returncode == 0, result.stderr
     assert agent.spool is not None and agent.spool.instance_count() == 300
     with capsys.disabled():
-        print(f"\n[ingest {bus_url.split(':')[0]}] 300 uncompressed instances over storescu in "
+        print(f"\n[ingest {type(bus).__name__}] 300 uncompressed instances over storescu in "
               f"{elapsed:.2f} s = {300 / elapsed:.1f} instances/s")
     ref_port, ref_dir = storescp()
     assert run_storescu(files, ref_port, "PACS").returncode == 0
