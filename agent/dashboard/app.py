@@ -75,7 +75,7 @@ from agent.dashboard.store import (
     study_date_of,
     utcnow,
 )
-from agent.ops.dlq import retry_command, retry_kind
+from agent.ops.dlq import retry_command
 from agent.triage.lis import LisClient
 from schemas.errors import Hust19Error
 from schemas.messages import TriageResult
@@ -160,9 +160,8 @@ class ResponseHeaders:
 # --- formatting ---------------------------------------------------------------------------------
 def _retry_for(letter: DeadLetterRow) -> str | None:
     """The ``hust19 dlq retry`` command of a dead letter, ``None`` if it cannot be retried."""
-    if retry_kind(letter.source_topic, letter.series_uid) is None:
-        return None
-    return retry_command(letter.dlq_partition, letter.dlq_offset)
+    return retry_command(letter.dlq_partition, letter.dlq_offset, letter.source_topic,
+                         letter.series_uid)
 
 
 def local_time(value: datetime | None, fmt: str = "%Y-%m-%d %H:%M") -> str:

@@ -62,8 +62,12 @@ def retry_kind(source_topic: str, series_uid: str | None) -> str | None:
     return None
 
 
-def retry_command(partition: int, offset: int) -> str:
-    """The command line that retries the entry at ``partition``/``offset`` (shown to IT)."""
+def retry_command(partition: int, offset: int, source_topic: str,
+                  series_uid: str | None) -> str | None:
+    """The command line that retries the entry at ``partition``/``offset`` with these fields
+    (shown to IT), ``None`` when it cannot be retried."""
+    if retry_kind(source_topic, series_uid) is None:
+        return None
     where = f" --partition {partition}" if partition else ""
     return f"hust19 dlq retry {offset}{where}"
 

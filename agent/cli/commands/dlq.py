@@ -45,7 +45,8 @@ def list_entries(args: argparse.Namespace) -> int:
             "failed_at": letter.failed_at.isoformat(), "reason": letter.reason,
             "source_topic": letter.source_topic, "study_uid": letter.study_uid,
             "series_uid": letter.series_uid,
-            "retry": retry_command(e.partition, e.offset) if e.kind else None}) + "\n")
+            "retry": retry_command(e.partition, e.offset, letter.source_topic,
+                                   letter.series_uid)}) + "\n")
     return 0
 
 
