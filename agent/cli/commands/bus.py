@@ -69,8 +69,7 @@ def _open(args: argparse.Namespace, settings: Settings) -> Bus:
     bus = open_existing_bus(settings)
     try:
         bus.ping(PING_TIMEOUT_S)
-        exists = getattr(bus, "topic_exists", None)
-        if exists is not None and not exists(args.topic):
+        if not bus.topic_exists(args.topic):
             raise InputError(f"topic {args.topic} does not exist on the {settings.bus} bus")
     except BaseException:
         bus.close()

@@ -43,7 +43,6 @@ from agent.triage.pacs import (
     verify,
 )
 from agent.triage.sr import CATEGORY_CODES, TRIAGE_CATEGORY, SrSource, build_sr
-from schemas import topics
 from schemas.errors import ConfigError, InputError, PacsError
 from schemas.messages import DeadLetter
 from tests.agent.triage.test_sr import VERSION, dsrdump, make_result, source_from
@@ -284,11 +283,9 @@ def _send_until_settled(sender: PacsSender, passes: int = 40) -> None:
 
 
 def _dead_letters(bus: EmbeddedBus) -> list[DeadLetter]:
-    consumer = bus.consumer(None, [topics.TRIAGE_DLQ])
-    try:
-        return [DeadLetter.model_validate_json(m.value) for m in consumer.poll(0.5, 100)]
-    finally:
-        consumer.close()
+    from agent.ops.dlq import read_entries
+
+    return [entry.letter for entry in read_entries(bus)]
 
 
 @dataclass
