@@ -100,6 +100,37 @@ def test_a_p_data_pdu_longer_than_announced_aborts_the_association(
                for line in _refusals(caplog, "pdu_length"))
 
 
+def _p_data_tf(items: bytes) -> bytes:
+    return struct.pack(">BBL", P_DATA_TF, 0, len(items)) + items
+
+
+@pytest.mark.parametrize(("items", "says"), [
+    (struct.pack(">LBB", 4000, 1, 0x03) + bytes(10), "a PDV item declares 4000 bytes"),
+    (struct.pack(">LBB", 1, 1, 0x03), "a PDV item declares 1 bytes"),
+    (struct.pack(">LBB", 4, 1, 0x03) + b"\x00\x00" + b"\x00\x00\x00", "too few for an item"),
+    (b"", "without PDV items"),
+], ids=["item-past-the-pdu", "item-without-control-header", "trailing-bytes", "no-items"])
+def test_a_p_data_pdu_with_malformed_items_aborts_the_association(
+        running_agent: Callable[..., Agent], caplog: pytest.LogCaptureFixture, items: bytes,
+        says: str) -> None:
+    """P-DATA-TF PDUs of an established association go straight to the DIMSE decoder
+    (``BoundedDUL.direct_pdata``): their PDV items are checked on the way, the association is
+    aborted and the listener serves the next peer."""
+    caplog.set_level(logging.INFO, GUARD_LOGGER)
+    agent = running_agent()
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
+    assert assoc.is_established
+    raw = assoc.dul.socket.socket
+    assert raw is not None
+    raw.sendall(_p_data_tf(items))
+    wait_for(lambda: assoc.is_aborted, "the SCP to abort the association", CLOSED_WITHIN_S)
+    refused = _refusals(caplog, "bad_pdu")
+    assert any(says in line for line in refused), refused
+    assert timed_echo(agent.port).established
+
+
 def test_a_legitimate_sender_gets_through_beside_idle_and_hostile_connections(
         running_agent: Callable[..., Agent]) -> None:
     """12 idle connections (one per hostile address) and 12 more from one address past its

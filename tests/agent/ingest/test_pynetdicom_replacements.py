@@ -123,6 +123,33 @@ def test_bulk_read_socket_reads_whole_pdus_and_stops_at_close() -> None:
         ours.close()
 
 
+def test_bulk_read_socket_wakes_its_dul_when_data_arrives() -> None:
+    """``ready`` waits for data (the DUL thread does not sleep blind between polls): it
+    answers as soon as bytes arrive, ``False`` after ``wait_s`` without them, and ``False``
+    for a closed connection."""
+    ours, theirs = socket.socketpair()
+    reader = object.__new__(_BulkReadSocket)  # only the socket and its state are used
+    reader.socket = ours
+    reader._is_connected = True
+    reader.wait_s = 5.0
+    try:
+        timer = threading.Timer(0.05, theirs.sendall, (b"x",))
+        started = time.monotonic()
+        timer.start()
+        assert reader.ready
+        assert time.monotonic() - started < 2.0  # woken by the data, not at the end of wait_s
+        assert ours.recv(1) == b"x"
+        reader.wait_s = 0.05
+        started = time.monotonic()
+        assert not reader.ready
+        assert time.monotonic() - started >= 0.04
+        reader._is_connected = False
+        assert not reader.ready
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_only_store_requests_skip_the_reactor_queue() -> None:
     class Served:  # stands in for the association: records what it was asked to serve
         def __init__(self) -> None:
