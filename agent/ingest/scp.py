@@ -98,6 +98,10 @@ ClosedCallback = Callable[[int, float, bool], None]
 otherwise than by a release: aborted by either side, or the connection lost)."""
 
 
+AFFECTED_SOP_CLASS_UID: Final = 0x00000002
+AFFECTED_SOP_INSTANCE_UID: Final = 0x00001000
+"""Command elements (0000,0002) and (0000,1000)."""
+
 CALLING_AE_NOT_RECOGNISED: Final = (0x01, 0x01, 0x03)
 """A-ASSOCIATE-RJ result, source and reason (PS3.8 9.3.4): rejected-permanent, service-user,
 calling AE title not recognized."""
@@ -301,6 +305,9 @@ class StorageSCP:
             if type(msg).__name__ != "C_STORE_RQ":
                 return
             cmd = msg.command_set
+            if _has_value(cmd, AFFECTED_SOP_CLASS_UID) and _has_value(cmd,
+                                                                      AFFECTED_SOP_INSTANCE_UID):
+                return  # every well-formed request: pynetdicom serves it
             sop_class = str(cmd.get("AffectedSOPClassUID", "") or "")
             sop_instance = str(cmd.get("AffectedSOPInstanceUID", "") or "")
             if sop_class and sop_instance:
@@ -405,6 +412,18 @@ class StorageSCP:
                        details.get("calling_ae", "?"), status, status.name, reason,
                        details.get("affected_sop_instance_uid", "?"), where)
         return _failure(status, reason)
+
+
+def _has_value(command_set: Dataset, tag: int) -> bool:
+    """Whether the command element ``tag`` is present with a value other than padding, read
+    from its raw bytes (pydicom's conversion and UID validation cost ~0.1 ms a request)."""
+    element = command_set.get_item(tag)
+    if element is None:
+        return False
+    value = element.value
+    if isinstance(value, bytes | bytearray):
+        return bool(value.strip(b"\x00 "))
+    return bool(str(value or "").strip())
 
 
 def _failure(status: StoreStatus, reason: str) -> Dataset:

@@ -305,10 +305,11 @@ def _seal_bytes(info: InstanceInfo, size: int, crc: int, end: int | None = None)
     record: dict[str, Any] = {"v": SEAL_VERSION, "size": size, "crc32c": crc}
     if end is not None:
         record["end"] = end
-    record["info"] = asdict(info)
+    fields_ = dict(vars(info))  # flat strings and a float: asdict's deep copy is not needed
+    record["info"] = fields_
     data = json.dumps(record, separators=(",", ":")).encode()
     if len(data) > MAX_SEAL_BYTES:  # only the optional hints can be long: drop them
-        record["info"] = {**asdict(info), "patient_id": None, "accession_number": None,
+        record["info"] = {**fields_, "patient_id": None, "accession_number": None,
                           "modality": None}
         data = json.dumps(record, separators=(",", ":")).encode()
     return data
