@@ -469,7 +469,7 @@ def bound_dul(dul: DULServiceProvider, guard: ConnectionGuard) -> bool:
                            "bounded before they are read", pynetdicom.__version__,
                            type(dul).__name__)
         return False
-    dul.__class__ = BoundedDUL  # same layout: only _read_pdu_data differs
+    dul.__class__ = BoundedDUL  # same layout: only methods differ
     bounded = cast(BoundedDUL, dul)
     bounded.guard = guard
     bounded.refused = bounded.direct_pdata = False
