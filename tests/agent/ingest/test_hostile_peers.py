@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import socket
 import ssl
 import struct
 import time
@@ -21,6 +22,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from agent.app import Agent
@@ -83,17 +85,23 @@ def test_a_4_gib_pdu_header_is_refused_before_anything_is_allocated(
     assert timed_echo(agent.port).established  # the listener is unharmed
 
 
-def test_a_p_data_pdu_longer_than_announced_aborts_the_association(
-        running_agent: Callable[..., Agent], caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, GUARD_LOGGER)
-    agent = running_agent()
+def _associated_socket(agent: Agent) -> tuple[Association, socket.socket]:
+    """An established Verification association with the agent, and its raw socket (to send
+    what a pynetdicom requestor would not)."""
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
     assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
     assert assoc.is_established
+    raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    assert isinstance(raw, socket.socket)
+    return assoc, raw
+
+
+def test_a_p_data_pdu_longer_than_announced_aborts_the_association(
+        running_agent: Callable[..., Agent], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, GUARD_LOGGER)
+    assoc, raw = _associated_socket(running_agent())
     assert assoc.acceptor.maximum_length == MAX_PDU_BYTES  # what the SCP announced
-    raw = assoc.dul.socket.socket
-    assert raw is not None
     raw.sendall(oversized_header(P_DATA_TF, MAX_PDU_BYTES + 1))
     wait_for(lambda: assoc.is_aborted, "the SCP to abort the association", CLOSED_WITHIN_S)
     assert any(f"P-DATA-TF PDU declares {MAX_PDU_BYTES + 1} bytes" in line
@@ -118,12 +126,7 @@ def test_a_p_data_pdu_with_malformed_items_aborts_the_association(
     aborted and the listener serves the next peer."""
     caplog.set_level(logging.INFO, GUARD_LOGGER)
     agent = running_agent()
-    ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(Verification)
-    assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
-    assert assoc.is_established
-    raw = assoc.dul.socket.socket
-    assert raw is not None
+    assoc, raw = _associated_socket(agent)
     raw.sendall(_p_data_tf(items))
     wait_for(lambda: assoc.is_aborted, "the SCP to abort the association", CLOSED_WITHIN_S)
     refused = _refusals(caplog, "bad_pdu")
