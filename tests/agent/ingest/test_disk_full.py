@@ -18,12 +18,11 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from agent.app import Agent
 from agent.bus.embedded import EmbeddedBus
-from agent.ingest.pynetdicom_replacements import keep_responses_for_caller
 from agent.ingest.spool import POOL_FILE_BYTES, POOL_MAX_FREE_SHARE, Spool
 from agent.ingest.status import StoreStatus
 from schemas import topics
 from schemas.errors import BusError
-from tests.fixtures.dicom import copy_series, free_port, read_topic, wait_for
+from tests.fixtures.dicom import associate, copy_series, free_port, read_topic, wait_for
 from tests.fixtures.faults import readyz
 from tests.fixtures.filesystems import tmpfs
 
@@ -86,7 +85,7 @@ def test_full_disk_answers_out_of_resources_and_loses_nothing_acknowledged(
                               series_quiet_s=0.5)
         ae = AE(ae_title="PYSCU")
         ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
-        assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
+        assoc = associate(ae, agent.port)
         statuses = [int(assoc.send_c_store(dcmread(f)).Status) for f in files]
         assoc.release()
         ok = [f for f, s in zip(files, statuses, strict=True) if s == StoreStatus.SUCCESS]
@@ -96,7 +95,7 @@ def test_full_disk_answers_out_of_resources_and_loses_nothing_acknowledged(
         status, report = readyz(http)
         assert status == 503 and report["spool"] != "ok"
         filler.unlink()
-        assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
+        assoc = associate(ae, agent.port)
         again = [int(assoc.send_c_store(dcmread(f)).Status) for f in refused]
         assoc.release()
         assert set(again) == {0}

@@ -27,9 +27,8 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from agent.app import Agent
 from agent.ingest.guard import EVICT_AFTER_S, MAX_ASSOCIATE_RQ_BYTES, MAX_PDU_BYTES
-from agent.ingest.pynetdicom_replacements import keep_responses_for_caller
 from agent.ingest.status import StoreStatus
-from tests.fixtures.dicom import SAMPLE, dataset_offset, wait_for
+from tests.fixtures.dicom import SAMPLE, associate, dataset_offset, wait_for
 from tests.fixtures.fuzz import deep_sequence, mutants, send_raw
 from tests.fixtures.hostile import (
     A_ASSOCIATE_RQ,
@@ -90,7 +89,7 @@ def _associated_socket(agent: Agent) -> tuple[Association, socket.socket]:
     what a pynetdicom requestor would not)."""
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
-    assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
+    assoc = associate(ae, agent.port)
     assert assoc.is_established
     raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
     assert isinstance(raw, socket.socket)
@@ -301,7 +300,7 @@ def test_instances_whose_lengths_or_syntax_contradict_the_bytes_are_refused(
 
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
-        assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
+        assoc = associate(ae, agent.port)
         answers = [assoc.send_c_store(f) for f in files]
         assert assoc.is_established
         assoc.release()
@@ -338,7 +337,7 @@ def test_an_instance_past_max_instance_mib_aborts_its_association(
     ds.PixelData = bytes(1024 * 1024 * 2)
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage, [str(ds.file_meta.TransferSyntaxUID)])
-    assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
+    assoc = associate(ae, agent.port)
     assert assoc.is_established
     answer = assoc.send_c_store(ds)
     assert "Status" not in answer

@@ -22,12 +22,12 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from agent.app import Agent
 from agent.bus.factory import open_bus
 from agent.bus.interface import Bus, Message
-from agent.ingest.pynetdicom_replacements import keep_responses_for_caller
 from agent.ingest.status import StoreStatus
 from schemas import topics
 from schemas.messages import INSTANCE_SCHEMA
 from tests.fixtures.dicom import (
     SAMPLE,
+    associate,
     copy_series,
     dataset_offset,
     free_port,
@@ -152,7 +152,7 @@ def test_raw_bytes_are_kept_exactly_as_received(running_agent: Callable[..., Age
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.4.70"])
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
-        assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
+        assoc = associate(ae, agent.port)
         # normal001 lacks Media Storage SOP Instance UID in its file meta: give it one
         for path in files:
             assert assoc.send_c_store(_with_full_meta(path, tmp_path)).Status == StoreStatus.SUCCESS
@@ -224,7 +224,7 @@ def test_bad_datasets_get_failure_status_and_quarantine_while_good_ones_succeed(
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage, [p002.file_meta.TransferSyntaxUID])
     ae.add_requested_context(CTImageStorage, [truncated.file_meta.TransferSyntaxUID])
-    assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
+    assoc = associate(ae, agent.port)
     assert assoc.is_established
     try:
         statuses = [assoc.send_c_store(good[0]).Status,
@@ -263,7 +263,7 @@ def test_unparseable_bytes_are_refused_and_quarantined(running_agent: Callable[.
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
     _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are
     try:
-        assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
+        assoc = associate(ae, agent.port)
         status = assoc.send_c_store(bad).Status
         ok = assoc.send_c_store(src).Status
         assoc.release()
@@ -310,8 +310,7 @@ def test_tls_with_client_certificates(running_agent: Callable[..., Agent],
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
-    assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19",
-                                                   tls_args=(client(True), "localhost")))
+    assoc = associate(ae, agent.port, tls_args=(client(True), "localhost"))
     assert assoc.is_established
     assert assoc.send_c_echo().Status == StoreStatus.SUCCESS
     assert assoc.send_c_store(sorted(SAMPLE.glob("*.dcm"))[0]).Status == StoreStatus.SUCCESS

@@ -13,13 +13,12 @@ from pydicom.uid import generate_uid
 
 from agent.app import Agent
 from agent.bus.embedded import EmbeddedBus
-from agent.ingest.pynetdicom_replacements import keep_responses_for_caller
 from agent.ingest.series import RELEASED_FILE, SeriesTracker
 from agent.ingest.spool import InstanceInfo, Spool, StoreOutcome
 from schemas import topics
 from schemas.messages import SeriesEvent
 from tests.agent.ingest.test_ingest import SAMPLE, read_topic
-from tests.fixtures.dicom import run_storescu, wait_for
+from tests.fixtures.dicom import associate, run_storescu, wait_for
 
 
 def _info(series: str, sop: str, at: float) -> InstanceInfo:
@@ -181,7 +180,7 @@ def test_an_aborted_then_resent_series_completes_once_with_every_instance(
     agent = running_agent(series_quiet_s=0.5, series_aborted_quiet_s=60.0)
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
-    assoc = keep_responses_for_caller(ae.associate("127.0.0.1", agent.port, ae_title="HUST19"))
+    assoc = associate(ae, agent.port)
     for path in files[:10]:
         assert assoc.send_c_store(path).Status == 0
     assoc.abort()
