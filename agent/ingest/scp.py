@@ -32,6 +32,7 @@ from typing import Any, Final, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -49,9 +50,11 @@ from agent.ingest.pynetdicom_replacements import (
     ASSOCIATION_ADJUSTMENTS,
     GuardedAssociationServer,
     request_handler,
+    serve_stores_directly,
 )
 from agent.ingest.spool import InstanceInfo, Spool, SpoolError, StoreOutcome
 from agent.ingest.status import StoreStatus, error_comment
+from agent.ingest.store_command import StoreMessage
 from agent.ops.metrics import STAGE_INGEST, Metrics
 from schemas.errors import ConfigError
 
@@ -217,6 +220,10 @@ class StorageSCP:
         for what, adjust in ASSOCIATION_ADJUSTMENTS:
             with _suppress_logged(what):
                 adjust(event.assoc)
+        with _suppress_logged("serving C-STORE requests directly"):
+            serve_stores_directly(event.assoc, self._serve_store, standing_in_for=(
+                (evt.EVT_C_STORE, self._handle_store),
+                (evt.EVT_DIMSE_RECV, self._handle_dimse_recv)))
 
     def _handle_rejected(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -258,12 +265,12 @@ class StorageSCP:
             with _suppress_logged("association-closed callback"):
                 self._on_closed(key, time.time(), aborted)
 
-    def _stats(self, event: evt.Event) -> _AssociationStats:
-        key = id(event.assoc)
+    def _stats(self, assoc: Association) -> _AssociationStats:
+        key = id(assoc)
         with self._lock:
             stats = self._assocs.get(key)
             if stats is None:
-                req = event.assoc.requestor
+                req = assoc.requestor
                 stats = self._assocs[key] = _AssociationStats(
                     calling_ae=str(req.ae_title), peer=f"{req.address}:{req.port}")
             return stats
@@ -274,22 +281,43 @@ class StorageSCP:
         return int(StoreStatus.SUCCESS)
 
     def _handle_store(self, event: evt.Event) -> Dataset | int:
-        """C-STORE: check, spool durably, answer. Never raises."""
+        """C-STORE as pynetdicom decodes it (requests :meth:`_serve_store` is not given)."""
         received_at = time.time()
         try:
-            stats = self._stats(event)
             req = cast(C_STORE, event.request)
             sop_class = str(req.AffectedSOPClassUID or "")
             sop_instance = str(req.AffectedSOPInstanceUID or "")
             ts = str(event.context.transfer_syntax)
-            meta = encode_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance,
-                                    transfer_syntax_uid=ts, source_ae=stats.calling_ae)
-            parts = [PREAMBLE + meta, cast(BytesIO, req.DataSet).getvalue()]
+            dataset = cast(BytesIO, req.DataSet).getvalue()
         except Exception as exc:
             logger.exception("C-STORE: cannot read the request")
             return _failure(StoreStatus.PROCESSING_FAILURE,
                             f"internal error: {type(exc).__name__}: {exc}")
-        return self._store(id(event.assoc), stats, parts, sop_class=sop_class,
+        return self._receive(event.assoc, dataset, sop_class=sop_class,
+                             sop_instance=sop_instance, ts=ts, received_at=received_at)
+
+    def _serve_store(self, assoc: Association, message: StoreMessage) -> Dataset | int:
+        """C-STORE read directly from the request's bytes by the association's DUL
+        (``agent.ingest.pynetdicom_replacements.serve_stores_directly``): a plain request with
+        both Affected SOP UIDs."""
+        return self._receive(assoc, message.dataset,
+                             sop_class=message.request.sop_class_uid,
+                             sop_instance=message.request.sop_instance_uid,
+                             ts=message.transfer_syntax_uid, received_at=time.time())
+
+    def _receive(self, assoc: Association, dataset: bytes, *, sop_class: str, sop_instance: str,
+                 ts: str, received_at: float) -> Dataset | int:
+        """Check, spool durably, answer. Never raises."""
+        try:
+            stats = self._stats(assoc)
+            meta = encode_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance,
+                                    transfer_syntax_uid=ts, source_ae=stats.calling_ae)
+            parts = [PREAMBLE + meta, dataset]
+        except Exception as exc:
+            logger.exception("C-STORE: cannot read the request")
+            return _failure(StoreStatus.PROCESSING_FAILURE,
+                            f"internal error: {type(exc).__name__}: {exc}")
+        return self._store(id(assoc), stats, parts, sop_class=sop_class,
                            sop_instance=sop_instance, ts=ts, received_at=received_at)
 
     def _handle_dimse_recv(self, event: evt.Event) -> None:
@@ -314,7 +342,7 @@ class StorageSCP:
                 return
             received_at = time.time()
             assoc = event.assoc
-            stats = self._stats(event)
+            stats = self._stats(assoc)
             context_id = int(msg.context_id)
             cx = next(c for c in assoc.accepted_contexts if c.context_id == context_id)
             meta = encode_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance,

@@ -627,8 +627,9 @@ class Spool:
 
     def _add_pool_batch(self, *, prewrite: bool) -> bool:
         """Create up to ``POOL_BATCH`` pool files in the next fan-out directory (pre-written to
-        ``pool_file_bytes`` and fdatasync'd, or empty) and fsync that directory once.
-        ``False`` when the spool is closed."""
+        ``pool_file_bytes`` and fdatasync'd, or empty) and fsync that directory once; a
+        pre-written batch ends early when an instance arrives. ``False`` when the spool is
+        closed."""
         with self._refill_lock:
             with self._pool_lock:
                 if self._closed:
@@ -643,6 +644,8 @@ class Spool:
             created: list[Path] = []
             try:
                 for _ in range(count):
+                    if prewrite and created and self._receiving():
+                        break  # an instance arrived: its flush must not queue behind ours
                     path = sub / f"{secrets.token_hex(POOL_NAME_BYTES)}{SUFFIX}"
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                  0o644)

@@ -20,9 +20,12 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import generate_uid
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from agent.app import Agent
@@ -84,11 +87,13 @@ def test_a_4_gib_pdu_header_is_refused_before_anything_is_allocated(
     assert timed_echo(agent.port).established  # the listener is unharmed
 
 
-def _associated_socket(agent: Agent) -> tuple[Association, socket.socket]:
-    """An established Verification association with the agent, and its raw socket (to send
-    what a pynetdicom requestor would not)."""
+def _associated_socket(agent: Agent, abstract_syntax: str = Verification,
+                       transfer_syntax: str = ImplicitVRLittleEndian
+                       ) -> tuple[Association, socket.socket]:
+    """An established association with the agent (one presentation context, ID 1), and its
+    raw socket (to send what a pynetdicom requestor would not)."""
     ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(abstract_syntax, [transfer_syntax])
     assoc = associate(ae, agent.port)
     assert assoc.is_established
     raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
@@ -131,6 +136,60 @@ def test_a_p_data_pdu_with_malformed_items_aborts_the_association(
     refused = _refusals(caplog, "bad_pdu")
     assert any(says in line for line in refused), refused
     assert timed_echo(agent.port).established
+
+
+def _pdv(context_id: int, control: int, value: bytes) -> bytes:
+    return struct.pack(">LBB", len(value) + 2, context_id, control) + value
+
+
+def _store_command(sop_instance: str) -> bytes:
+    """A C-STORE-RQ command set for a CT instance with a data set, as pynetdicom encodes it."""
+    req = C_STORE()
+    req.MessageID, req.Priority = 1, 0
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, sop_instance
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+    message.command_set.CommandDataSetType = 0x0001
+    return bytes(encode(message.command_set, True, True))
+
+
+@pytest.mark.parametrize("third", [_pdv(1, 0x03, _store_command("1.2.3.4")),
+                                   _pdv(3, 0x02, b"\x00" * 8)],
+                         ids=["command-inside-data-set", "other-context"])
+def test_a_c_store_data_set_interrupted_by_other_fragments_aborts_the_association(
+        running_agent: Callable[..., Agent], caplog: pytest.LogCaptureFixture,
+        third: bytes) -> None:
+    """A C-STORE request read directly from its bytes (``serve_stores_directly``) takes only
+    data set fragments of its own presentation context until the last one."""
+    caplog.set_level(logging.INFO, GUARD_LOGGER)
+    agent = running_agent()
+    assoc, raw = _associated_socket(agent, CTImageStorage)
+    raw.sendall(_p_data_tf(_pdv(1, 0x03, _store_command(generate_uid()))))
+    raw.sendall(_p_data_tf(_pdv(1, 0x00, b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100")))
+    raw.sendall(_p_data_tf(third))
+    wait_for(lambda: assoc.is_aborted, "the SCP to abort the association", CLOSED_WITHIN_S)
+    refused = _refusals(caplog, "bad_pdu")
+    assert any("a command fragment or another presentation context's fragment inside a "
+               "C-STORE data set" in line for line in refused), refused
+    assert agent.spool is not None and agent.spool.instance_count() == 0
+    assert timed_echo(agent.port).established
+
+
+def test_a_c_store_request_whole_in_one_p_data_pdu_is_stored(
+        running_agent: Callable[..., Agent]) -> None:
+    """Command and data set in one PDU (dcmtk and pynetdicom send them apart, the standard
+    allows both): the request is served directly and the instance stored."""
+    agent = running_agent()
+    sample = sorted(SAMPLE.glob("*.dcm"))[0]
+    source = dcmread(sample, stop_before_pixels=True)
+    data = sample.read_bytes()
+    assoc, raw = _associated_socket(agent, CTImageStorage,
+                                    str(source.file_meta.TransferSyntaxUID))
+    raw.sendall(_p_data_tf(_pdv(1, 0x03, _store_command(str(source.SOPInstanceUID)))
+                           + _pdv(1, 0x02, data[dataset_offset(data):])))
+    wait_for(lambda: agent.spool is not None and agent.spool.instance_count() == 1,
+             "the instance to be stored")
+    assert not assoc.is_aborted
 
 
 def test_a_legitimate_sender_gets_through_beside_idle_and_hostile_connections(

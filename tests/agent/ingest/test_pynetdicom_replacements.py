@@ -8,16 +8,21 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pynetdicom
 import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
+from agent.app import Agent
 from agent.ingest import pynetdicom_replacements as replacements
 from agent.ingest.guard import ConnectionGuard, Limits
 from agent.ingest.pynetdicom_replacements import (
@@ -27,13 +32,14 @@ from agent.ingest.pynetdicom_replacements import (
     _InlineStoreQueue,
     _PromptRequestHandler,
     bound_dul,
-    encode_store_success,
+    encode_store_success_primitive,
     keep_responses_for_caller,
     mirrors_installed_pynetdicom,
     request_handler,
 )
+from agent.ingest.scp import StorageSCP
 from agent.ingest.status import StoreStatus
-from tests.fixtures.dicom import free_port, stop_process
+from tests.fixtures.dicom import SAMPLE, associate, free_port, stop_process
 from tests.fixtures.faults import start_storescp
 
 
@@ -90,14 +96,14 @@ def test_store_success_response_is_encoded_as_pynetdicom_encodes_it() -> None:
         rsp.Status = 0x0000
         message = C_STORE_RSP()
         message.primitive_to_message(rsp)
-        assert encode_store_success(rsp) == encode(message.command_set, True, True)
+        assert encode_store_success_primitive(rsp) == encode(message.command_set, True, True)
         rsp.ErrorComment = "a comment"  # anything but a plain Success goes through pynetdicom
-        assert encode_store_success(rsp) is None
+        assert encode_store_success_primitive(rsp) is None
         rsp.ErrorComment, rsp.Status = None, int(StoreStatus.CANNOT_PARSE)
-        assert encode_store_success(rsp) is None
+        assert encode_store_success_primitive(rsp) is None
     request = C_STORE()
     request.MessageID = 1
-    assert encode_store_success(request) is None
+    assert encode_store_success_primitive(request) is None
 
 
 def test_bulk_read_socket_reads_whole_pdus_and_stops_at_close() -> None:
@@ -195,3 +201,54 @@ def test_a_requestor_gets_every_response_while_its_reactor_runs(tmp_path: Path) 
     finally:
         assoc.release()
         stop_process(pacs)
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[str]:
+    """Record each call of ``StorageSCP.<name>`` (patched before the agent binds it)."""
+    calls: list[str] = []
+    real = getattr(StorageSCP, name)
+
+    def counted(self: StorageSCP, *args: Any) -> Any:
+        calls.append(name)
+        return real(self, *args)
+
+    monkeypatch.setattr(StorageSCP, name, counted)
+    return calls
+
+
+def _send_sample(port: int, count: int) -> list[int]:
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage)
+    assoc = associate(ae, port)
+    try:
+        assert assoc.is_established
+        statuses = []
+        for path in sorted(SAMPLE.glob("*.dcm"))[:count]:
+            ds = dcmread(path)
+            ds.SOPInstanceUID = generate_uid()
+            statuses.append(int(assoc.send_c_store(ds).Status))
+        return statuses
+    finally:
+        assoc.release()
+
+
+def test_plain_store_requests_are_served_directly_unless_another_handler_listens(
+        running_agent: Callable[..., Agent], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain C-STORE request is read from its bytes and handed to the SCP whole
+    (``serve_stores_directly``), without pynetdicom's DIMSE decoding and ``EVT_C_STORE``; with
+    pynetdicom's own message log bound (its logger at INFO) pynetdicom serves it as before.
+    Either way every instance is stored and answered Success."""
+    direct = _count_calls(monkeypatch, "_serve_store")
+    decoded = _count_calls(monkeypatch, "_handle_store")
+    agent = running_agent()
+    assert _send_sample(agent.port, 3) == [StoreStatus.SUCCESS] * 3
+    assert (len(direct), len(decoded)) == (3, 0)
+    pynetdicom_logger = logging.getLogger("pynetdicom")
+    level = pynetdicom_logger.level
+    pynetdicom_logger.setLevel(logging.INFO)  # clears isEnabledFor's cache, unlike .level
+    try:
+        assert _send_sample(agent.port, 2) == [StoreStatus.SUCCESS] * 2
+    finally:
+        pynetdicom_logger.setLevel(level)
+    assert (len(direct), len(decoded)) == (3, 2)
+    assert agent.spool is not None and agent.spool.instance_count() == 5
