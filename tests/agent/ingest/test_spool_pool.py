@@ -19,6 +19,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ImplicitVRLittleEndian
 
+from agent.ingest import spool as spool_module
 from agent.ingest.spool import (
     POOL_BATCH,
     POOL_LOW_WATER,
@@ -245,3 +246,35 @@ def test_the_pool_is_pre_written_only_while_no_instance_arrives(
     assert batches and all(prewrite for prewrite, _ in batches)  # no empty files were needed
     assert all(since >= RECEIVING_GAP_S for _, since in batches), batches
     spool.close()
+
+
+def test_a_pre_write_batch_stops_when_an_instance_arrives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh agent pre-writes its pool while the first series may already arrive: the batch
+    being written stops after its current file, and pre-writing resumes only once the stream
+    pauses (``RECEIVING_GAP_S``), so the instances' flushes do not queue behind the pool's."""
+    writing, go_on = threading.Event(), threading.Event()
+    filler_writes: list[float] = []
+    real = spool_module.write_all
+
+    def held(fd: int, parts: list[bytes]) -> int:
+        if threading.current_thread().name == "hust19-spool-pool":
+            filler_writes.append(time.monotonic())
+            writing.set()
+            go_on.wait(10)
+        return real(fd, parts)
+
+    monkeypatch.setattr(spool_module, "write_all", held)
+    spool = Spool(tmp_path, pool_files=POOL_BATCH, pool_file_bytes=CAPACITY)
+    try:
+        assert writing.wait(10), "the filler started pre-writing"
+        assert spool.store(_info("1.1"), [b"x" * 12_000],
+                           padding=Padding.EXPLICIT_VR) is StoreOutcome.STORED
+        arrived = spool._last_store
+        go_on.set()
+        wait_for(lambda: len(spool._ready) >= POOL_BATCH - 1, "the pool stocked afterwards")
+        early = [t - arrived for t in filler_writes[1:] if t < arrived + RECEIVING_GAP_S]
+        assert not early, f"{len(early)} pool files pre-written while the instance arrived"
+    finally:
+        go_on.set()
+        spool.close()
