@@ -138,7 +138,8 @@ class Outbox:
                 producer.close()
 
     def publish_pending(self) -> int:
-        """Publish every pending instance (batch by batch), then the due series events.
+        """Index the answered instances whose index row failed (``Spool.index_unindexed``),
+        publish every pending instance (batch by batch), then the due series events.
         Returns the number of instances published; raises ``Hust19Error`` (``BusError``)
         when the bus fails: what was flushed before stays marked."""
         if not self._topics_ready:
@@ -147,6 +148,10 @@ class Outbox:
         if not self._reconciled:
             self._reconcile()
             self._reconciled = True
+        try:
+            self.spool.index_unindexed()
+        except SpoolError as exc:  # still failing: the next pass tries again
+            logger.warning("outbox: %s", exc.message)
         total = 0
         while True:
             batch = self.spool.pending(BATCH_MAX, BATCH_MAX_BYTES)

@@ -119,6 +119,7 @@ from agent.ingest.guard import (
 )
 from agent.ingest.status import StoreStatus, error_comment
 from agent.ingest.store_command import (
+    Answer,
     StoreMessage,
     StoreRequest,
     encode_store_success,
@@ -191,9 +192,9 @@ _UNSERVED_EVENTS: Final = (evt.EVT_DIMSE_SENT, evt.EVT_PDU_SENT, evt.EVT_DATA_SE
 """Events of pynetdicom's way of sending a response that the direct Success answer does not
 fire: with a handler bound to one, pynetdicom serves the request."""
 
-StoreHandler = Callable[[Association, StoreMessage], "Dataset | int"]
+StoreHandler = Callable[[Association, StoreMessage], Answer]
 """Serves a C-STORE request read directly: (association, request) -> the status, as a handler
-bound to pynetdicom's ``EVT_C_STORE`` returns it."""
+bound to pynetdicom's ``EVT_C_STORE`` returns it, and what to run once it is sent."""
 
 
 @dataclass
@@ -535,16 +536,18 @@ class BoundedDUL(DULServiceProvider):
                    for handler in _bound_handlers(assoc, event))
 
     def _serve_store(self, store: _StoreInProgress) -> None:
-        """Run :attr:`store_handler` on a complete request and send its response: a Success
-        directly (:func:`agent.ingest.store_command.encode_store_success`), anything else
-        through pynetdicom, as its Storage service class does."""
+        """Run :attr:`store_handler` on a complete request, send its response (a Success
+        directly, :func:`agent.ingest.store_command.encode_store_success`, anything else
+        through pynetdicom, as its Storage service class does), then run what the handler
+        asked to run after it: before this thread reads the sender's next request."""
         assoc, request = self.assoc, store.request
         message = StoreMessage(store.context_id, store.transfer_syntax_uid, request,
                                b"".join(store.fragments))
         store.fragments.clear()
         handler = cast(StoreHandler, self.store_handler)
+        after: Callable[[], None] | None = None
         try:
-            status = handler(assoc, message)
+            status, after = handler(assoc, message)
         except Exception as exc:  # as pynetdicom answers a handler's exception
             logger.exception("C-STORE request (message ID %s, SOP instance %s): the handler "
                              "failed", request.message_id, request.sop_instance_uid)
@@ -552,8 +555,15 @@ class BoundedDUL(DULServiceProvider):
             failure.Status = int(StoreStatus.PROCESSING_FAILURE)
             failure.ErrorComment = error_comment(f"internal error: {type(exc).__name__}")
             status = failure
-        if not assoc.is_established:
-            return
+        try:
+            if assoc.is_established:
+                self._answer_store(store, status)
+        finally:
+            if after is not None:
+                after()
+
+    def _answer_store(self, store: _StoreInProgress, status: Dataset | int) -> None:
+        request = store.request
         if (isinstance(status, int) and status == StoreStatus.SUCCESS
                 and not self.to_provider_queue.queue):
             command = encode_store_success(request.message_id, request.sop_class_uid,
@@ -564,8 +574,8 @@ class BoundedDUL(DULServiceProvider):
         rsp.MessageIDBeingRespondedTo = request.message_id
         rsp.AffectedSOPClassUID = request.sop_class_uid
         rsp.AffectedSOPInstanceUID = request.sop_instance_uid
-        rsp = StorageServiceClass(assoc).validate_status(status, rsp)
-        assoc.dimse.send_msg(rsp, store.context_id)
+        rsp = StorageServiceClass(self.assoc).validate_status(status, rsp)
+        self.assoc.dimse.send_msg(rsp, store.context_id)
 
     def _count_dataset(self, body: bytes | bytearray) -> bool:
         """Add up the dataset fragments of the message being received; ``False`` (aborted)

@@ -21,6 +21,7 @@ pynetdicom the agent replaces, and why, are in ``agent.ingest.pynetdicom_replace
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import threading
@@ -52,9 +53,9 @@ from agent.ingest.pynetdicom_replacements import (
     request_handler,
     serve_stores_directly,
 )
-from agent.ingest.spool import InstanceInfo, Spool, SpoolError, StoreOutcome
+from agent.ingest.spool import InstanceInfo, Spool, SpoolError, StoreOutcome, Written
 from agent.ingest.status import StoreStatus, error_comment
-from agent.ingest.store_command import StoreMessage
+from agent.ingest.store_command import Answer, StoreMessage
 from agent.ops.metrics import STAGE_INGEST, Metrics
 from schemas.errors import ConfigError
 
@@ -293,21 +294,24 @@ class StorageSCP:
             logger.exception("C-STORE: cannot read the request")
             return _failure(StoreStatus.PROCESSING_FAILURE,
                             f"internal error: {type(exc).__name__}: {exc}")
-        return self._receive(event.assoc, dataset, sop_class=sop_class,
-                             sop_instance=sop_instance, ts=ts, received_at=received_at)
+        status, _ = self._receive(event.assoc, dataset, sop_class=sop_class,
+                                  sop_instance=sop_instance, ts=ts, received_at=received_at)
+        return status
 
-    def _serve_store(self, assoc: Association, message: StoreMessage) -> Dataset | int:
+    def _serve_store(self, assoc: Association, message: StoreMessage) -> Answer:
         """C-STORE read directly from the request's bytes by the association's DUL
         (``agent.ingest.pynetdicom_replacements.serve_stores_directly``): a plain request with
-        both Affected SOP UIDs."""
+        both Affected SOP UIDs. The DUL sends the answer, then runs what comes with it (the
+        index row, where the spool is durable without it)."""
         return self._receive(assoc, message.dataset,
                              sop_class=message.request.sop_class_uid,
                              sop_instance=message.request.sop_instance_uid,
-                             ts=message.transfer_syntax_uid, received_at=time.time())
+                             ts=message.transfer_syntax_uid, received_at=time.time(),
+                             index_after_answer=True)
 
     def _receive(self, assoc: Association, dataset: bytes, *, sop_class: str, sop_instance: str,
-                 ts: str, received_at: float) -> Dataset | int:
-        """Check, spool durably, answer. Never raises."""
+                 ts: str, received_at: float, index_after_answer: bool = False) -> Answer:
+        """Check, spool durably, answer (:meth:`_store`). Never raises."""
         try:
             stats = self._stats(assoc)
             meta = encode_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance,
@@ -316,9 +320,10 @@ class StorageSCP:
         except Exception as exc:
             logger.exception("C-STORE: cannot read the request")
             return _failure(StoreStatus.PROCESSING_FAILURE,
-                            f"internal error: {type(exc).__name__}: {exc}")
+                            f"internal error: {type(exc).__name__}: {exc}"), None
         return self._store(id(assoc), stats, parts, sop_class=sop_class,
-                           sop_instance=sop_instance, ts=ts, received_at=received_at)
+                           sop_instance=sop_instance, ts=ts, received_at=received_at,
+                           index_after_answer=index_after_answer)
 
     def _handle_dimse_recv(self, event: evt.Event) -> None:
         """Answer a C-STORE-RQ that pynetdicom would drop without any response.
@@ -349,7 +354,7 @@ class StorageSCP:
                                     transfer_syntax_uid=str(cx.transfer_syntax[0]),
                                     source_ae=stats.calling_ae)
             data = msg.data_set.getvalue() if msg.data_set is not None else b""
-            answer = self._store(id(assoc), stats, [PREAMBLE + meta, data],
+            answer, _ = self._store(id(assoc), stats, [PREAMBLE + meta, data],
                                  sop_class=sop_class, sop_instance=sop_instance,
                                  ts=str(cx.transfer_syntax[0]), received_at=received_at)
             rsp: Any = C_STORE()
@@ -367,9 +372,11 @@ class StorageSCP:
             logger.exception("could not answer a C-STORE request without Affected SOP UIDs")
 
     def _store(self, assoc_key: int, stats: _AssociationStats, parts: list[bytes], *,
-               sop_class: str, sop_instance: str, ts: str,
-               received_at: float) -> Dataset | int:
-        """Check and spool one instance; the C-STORE answer. Never raises."""
+               sop_class: str, sop_instance: str, ts: str, received_at: float,
+               index_after_answer: bool = False) -> Answer:
+        """Check and spool one instance: the C-STORE answer, and what to do once it is sent
+        (``index_after_answer`` and the spool is durable before its index: the index row,
+        :meth:`_index_answered`). Never raises."""
         details: dict[str, Any] = {
             "calling_ae": stats.calling_ae, "peer": stats.peer,
             "affected_sop_class_uid": sop_class, "affected_sop_instance_uid": sop_instance,
@@ -386,19 +393,49 @@ class StorageSCP:
                     stats.warned.add(warning)
                     logger.warning("study %s series %s from %s: %s (accepted)", info.study_uid,
                                    info.series_uid, stats.calling_ae, warning)
-            outcome = self.spool.store(info, parts, padding=checked.padding)
+            if index_after_answer and self.spool.durable_before_index:
+                written = self.spool.write(info, parts, padding=checked.padding)
+                if written is not None:
+                    return int(StoreStatus.SUCCESS), functools.partial(
+                        self._index_answered, assoc_key, stats, written, started)
+                outcome = StoreOutcome.DUPLICATE
+            else:
+                outcome = self.spool.store(info, parts, padding=checked.padding)
         except Rejection as rej:
-            return self._reject(stats, parts, rej.status, rej.reason, details)
+            return self._reject(stats, parts, rej.status, rej.reason, details), None
         except SpoolError as exc:
             logger.error("C-STORE from %s: %s", stats.calling_ae, exc.message)
             with self._lock:
                 stats.failed += 1
-            return _failure(StoreStatus.OUT_OF_RESOURCES, f"spool write failed: {exc.message}")
+            return _failure(StoreStatus.OUT_OF_RESOURCES,
+                            f"spool write failed: {exc.message}"), None
         except Exception as exc:
             logger.exception("C-STORE from %s (SOP instance %s): unexpected error",
                              stats.calling_ae, sop_instance)
             return self._reject(stats, parts, StoreStatus.PROCESSING_FAILURE,
-                                f"internal error: {type(exc).__name__}: {exc}", details)
+                                f"internal error: {type(exc).__name__}: {exc}", details), None
+        self._stored(assoc_key, stats, info, outcome, started)
+        return int(StoreStatus.SUCCESS), None
+
+    def _index_answered(self, assoc_key: int, stats: _AssociationStats, written: Written,
+                        started: float) -> None:
+        """After the Success response: index the instance written before it. A failure is
+        logged; the spool keeps the sealed file and indexes it later. Never raises."""
+        try:
+            outcome = self.spool.index(written, answered=True)
+        except SpoolError as exc:
+            logger.error("C-STORE from %s answered Success, then: %s", stats.calling_ae,
+                         exc.message)
+            return
+        except Exception:
+            logger.exception("C-STORE from %s (SOP instance %s): indexing after the answer "
+                             "failed", stats.calling_ae, written.info.sop_instance_uid)
+            return
+        self._stored(assoc_key, stats, written.info, outcome, started)
+
+    def _stored(self, assoc_key: int, stats: _AssociationStats, info: InstanceInfo,
+                outcome: StoreOutcome, started: float) -> None:
+        """Count, log and report a spooled instance (indexed, or found already stored)."""
         with self._lock:
             stats.series.add(info.series_uid)
             if outcome is StoreOutcome.STORED:
@@ -418,7 +455,6 @@ class StorageSCP:
         if self._on_stored is not None:
             with _suppress_logged(f"stored callback for series {info.series_uid}"):
                 self._on_stored(assoc_key, info, outcome)
-        return int(StoreStatus.SUCCESS)
 
     def _reject(self, stats: _AssociationStats | None, parts: list[bytes],
                 status: StoreStatus, reason: str, details: dict[str, Any]) -> Dataset | int:

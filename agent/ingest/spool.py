@@ -235,6 +235,15 @@ class InstanceInfo:
     modality: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Written:
+    """An instance flushed to the spool by :meth:`Spool.write`, not indexed yet."""
+
+    info: InstanceInfo
+    path: Path
+    size: int
+
+
 @dataclass(frozen=True)
 class SpooledInstance:
     """An index row: an instance on disk, maybe not yet published."""
@@ -522,6 +531,8 @@ class Spool:
         self._ready: list[Path] = []
         """Pre-written pool files (``pool_file_bytes`` of zeros, fdatasync'd)."""
         self._empty: list[Path] = []
+        self._unindexed: list[Written] = []
+        """Answered instances whose index row failed (:meth:`index`), to be indexed again."""
         self._last_store = 0.0
         self._refill_lock = threading.Lock()
         self._closed = False
@@ -689,6 +700,14 @@ class Spool:
              info.patient_id, info.accession_number, info.modality))
         return True
 
+    @property
+    def durable_before_index(self) -> bool:
+        """Whether an instance is durable once :meth:`write` returns (sealed mode: the sealed
+        file is the record, :meth:`recover` indexes it after a crash), so that Success may be
+        answered before :meth:`index`. In compatibility mode the index commit is the durable
+        point: :meth:`store`."""
+        return self.sealed
+
     def store(self, info: InstanceInfo, part10: Sequence[bytes | memoryview], *,
               padding: Padding | None = None) -> StoreOutcome:
         """Write the Part-10 file (``part10`` buffers, concatenated) durably and index it.
@@ -698,10 +717,19 @@ class Spool:
         how a Data Set Trailing Padding element would be encoded after this dataset, ``None``
         if it must not be extended (the seal then goes into an extended attribute). A SOP
         Instance UID already stored is not written again (``DUPLICATE``). Raises
-        :class:`SpoolError` if the disk or the index fails.
+        :class:`SpoolError` if the disk or the index fails (nothing is kept then).
         """
-        if self.contains(info.sop_instance_uid):
+        written = self.write(info, part10, padding=padding)
+        if written is None:
             return StoreOutcome.DUPLICATE
+        return self.index(written, answered=False)
+
+    def write(self, info: InstanceInfo, part10: Sequence[bytes | memoryview], *,
+              padding: Padding | None = None) -> Written | None:
+        """The first half of :meth:`store`: the file written and flushed, not indexed yet;
+        ``None`` for a SOP Instance UID already indexed. Raises :class:`SpoolError`."""
+        if self.contains(info.sop_instance_uid):
+            return None
         path = self.root
         size = sum(memoryview(p).nbytes for p in part10)
         if size % 2:  # a padding element must start at an even offset
@@ -720,19 +748,57 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot write {path} (series {info.series_uid}, SOP instance "
                              f"{info.sop_instance_uid}): {exc}") from exc
+        return Written(info, path, size)
+
+    def index(self, written: Written, *, answered: bool) -> StoreOutcome:
+        """The second half of :meth:`store`: the index row (and the series totals) of a
+        written instance; ``DUPLICATE`` (the file removed) when another association indexed
+        the same SOP Instance UID meanwhile. ``answered``: Success was already sent (only when
+        :attr:`durable_before_index`): a failed insert then keeps the file and is tried again
+        by :meth:`index_unindexed` (and :meth:`recover` at the next start); otherwise the file
+        is removed. Raises :class:`SpoolError` when the insert fails."""
+        info = written.info
         try:
             with self._tx() as db:
-                inserted = self._index_locked(db, info, str(path.relative_to(self.root)), size)
+                inserted = self._index_locked(db, info, str(written.path.relative_to(self.root)),
+                                              written.size)
         except sqlite3.Error as exc:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            if answered and self.durable_before_index:
+                with self._lock:
+                    self._unindexed.append(written)
+                kept = "; the sealed file is kept and indexed once the index works again"
+            else:
+                with contextlib.suppress(OSError):
+                    written.path.unlink()
+                kept = ""
             raise SpoolError(f"cannot index series {info.series_uid} SOP instance "
-                             f"{info.sop_instance_uid} in {self.index_path}: {exc}") from exc
+                             f"{info.sop_instance_uid} in {self.index_path}: {exc}{kept}"
+                             ) from exc
         if not inserted:  # another association stored the same instance meanwhile
             with contextlib.suppress(OSError):
-                path.unlink()
+                written.path.unlink()
             return StoreOutcome.DUPLICATE
         return StoreOutcome.STORED
+
+    def index_unindexed(self) -> int:
+        """Index the answered instances whose index row failed (:meth:`index`); returns how
+        many are indexed now. Raises :class:`SpoolError` when the index still fails (those
+        not done stay for the next call)."""
+        with self._lock:
+            waiting, self._unindexed = self._unindexed, []
+        done = 0
+        for position, written in enumerate(waiting):
+            try:
+                self.index(written, answered=True)
+            except SpoolError:
+                with self._lock:
+                    self._unindexed.extend(waiting[position + 1:])
+                raise
+            done += 1
+        if done:
+            logger.info("spool: %d answered instances indexed after their index row had "
+                        "failed", done)
+        return done
 
     def quarantine(self, parts: Sequence[bytes | memoryview], reason: str,
                    details: dict[str, Any]) -> Path:

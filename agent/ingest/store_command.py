@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 C_STORE_RQ_COMMAND: Final = 0x0001
 """(0000,0100) Command Field of a C-STORE-RQ."""
@@ -155,3 +159,8 @@ class StoreMessage:
     transfer_syntax_uid: str
     request: StoreRequest
     dataset: bytes
+
+
+Answer = tuple["Dataset | int", Callable[[], None] | None]
+"""What a store handler answers: the status (a Dataset with Status and Error Comment for a
+failure), and what to run once the response is sent (or ``None``)."""

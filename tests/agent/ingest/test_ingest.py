@@ -4,6 +4,8 @@ embedded bus and the Kafka-protocol test broker."""
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 import ssl
 import subprocess
 import time
@@ -22,6 +24,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from agent.app import Agent
 from agent.bus.factory import open_bus
 from agent.bus.interface import Bus, Message
+from agent.ingest.spool import InstanceInfo, Spool
 from agent.ingest.status import StoreStatus
 from schemas import topics
 from schemas.messages import INSTANCE_SCHEMA
@@ -35,6 +38,7 @@ from tests.fixtures.dicom import (
     run_storescu,
     stored_spool_files,
 )
+from tests.fixtures.filesystems import xattr_folder
 from tests.fixtures.kafka import kafka_test_overrides
 
 StoreScp = Callable[..., tuple[int, Path]]
@@ -276,15 +280,50 @@ def test_unparseable_bytes_are_refused_and_quarantined(running_agent: Callable[.
 
 
 def test_duplicate_sop_instance_is_stored_once(running_agent: Callable[..., Agent]) -> None:
+    """Sent twice in one association (the second request arrives right after the first's
+    answer, which goes out before the index row), then again in another."""
     agent = running_agent(series_quiet_s=60.0)
     one = sorted(SAMPLE.glob("*.dcm"))[:1]
-    for _ in range(2):
-        result = run_storescu(one, agent.port, "HUST19")
+    for files in (one * 2, one):
+        result = run_storescu(files, agent.port, "HUST19")
         assert result.returncode == 0, result.stderr
     assert agent.spool is not None and agent.spool.instance_count() == 1
     wait_published(agent, 1)
     assert len(stored_spool_files(agent.spool)) == 1
     assert len(read_topic(agent.bus, topics.DICOM_INSTANCES, 1, timeout_s=2)) == 1
+
+
+def test_an_index_row_that_fails_after_the_answer_is_written_later(
+        running_agent: Callable[..., Agent], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A sealed spool file is the durable record, so Success goes out before the index row
+    (``Spool.durable_before_index``). When that row fails, the file is kept and the outbox
+    indexes it on its next pass: the instance is published, without a restart."""
+    real = Spool._index_locked
+    failed: list[str] = []
+
+    def fails_once(db: sqlite3.Connection, info: InstanceInfo, rel: str, size: int) -> bool:
+        if not failed:
+            failed.append(info.sop_instance_uid)
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(db, info, rel, size)
+
+    caplog.set_level(logging.INFO, "agent.ingest.spool")
+    (tmp_path / "data").mkdir()
+    with xattr_folder(tmp_path / "data") as folder:
+        agent = running_agent(data_dir=folder, series_quiet_s=60.0)
+        assert agent.spool is not None and agent.spool.durable_before_index
+        monkeypatch.setattr(Spool, "_index_locked", staticmethod(fails_once))
+        result = run_storescu(sorted(SAMPLE.glob("*.dcm"))[:2], agent.port, "HUST19")
+        assert result.returncode == 0, result.stderr  # both answered Success
+        wait_published(agent, 2)
+        assert len(failed) == 1 and len(stored_spool_files(agent.spool)) == 2
+        assert any("answered Success, then: cannot index" in r.getMessage()
+                   and "kept and indexed once the index works again" in r.getMessage()
+                   for r in caplog.records)
+        assert any("1 answered instances indexed after their index row had failed"
+                   in r.getMessage() for r in caplog.records)
+        agent.stop()
 
 
 def _openssl(*args: str) -> None:

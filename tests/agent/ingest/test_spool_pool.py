@@ -6,6 +6,7 @@ extended attributes."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import threading
 import time
@@ -29,6 +30,7 @@ from agent.ingest.spool import (
     InstanceInfo,
     Padding,
     Spool,
+    SpoolError,
     StoreOutcome,
     fits_pool_file,
     spool_disk_bytes,
@@ -278,3 +280,41 @@ def test_a_pre_write_batch_stops_when_an_instance_arrives(
     finally:
         go_on.set()
         spool.close()
+
+
+def test_an_answered_instance_whose_index_row_fails_is_kept_and_indexed_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sealed: Success may be answered between ``write`` and ``index``. A failed index row
+    after the answer keeps the file and is retried (``index_unindexed``) until it works; one
+    before the answer removes the file (the sender is told the store failed)."""
+    spool = _stocked(tmp_path)
+    assert spool.durable_before_index
+    failures = [sqlite3.OperationalError("database or disk is full")] * 2
+    real = Spool._index_locked
+
+    def flaky(db: sqlite3.Connection, info: InstanceInfo, rel: str, size: int) -> bool:
+        if failures:
+            raise failures.pop()
+        return real(db, info, rel, size)
+
+    monkeypatch.setattr(Spool, "_index_locked", staticmethod(flaky))
+    head, body = _sample()
+    written = spool.write(_info("1.1"), [head, body], padding=Padding.EXPLICIT_VR)
+    assert written is not None
+    with pytest.raises(SpoolError, match="the sealed file is kept"):
+        spool.index(written, answered=True)
+    assert written.path.exists() and spool.instance_count() == 0
+    with pytest.raises(SpoolError):
+        spool.index_unindexed()  # still failing: kept for the next call
+    assert spool.index_unindexed() == 1
+    assert spool.index_unindexed() == 0
+    assert spool.read(spool.pending()[0]) == head + body
+
+    failures.append(sqlite3.OperationalError("disk I/O error"))
+    before = spool.write(_info("1.2"), [head, body], padding=Padding.EXPLICIT_VR)
+    assert before is not None
+    with pytest.raises(SpoolError):
+        spool.index(before, answered=False)
+    assert not before.path.exists() and spool.index_unindexed() == 0
+    assert spool.write(_info("1.1"), [head, body], padding=Padding.EXPLICIT_VR) is None
+    spool.close()
