@@ -41,10 +41,10 @@ SHORT_LENGTH_VRS: Final = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b
                                      b"ST", b"TM", b"UI", b"UL", b"US"})
 """Explicit VRs with a 2-byte length (PS3.5 Table 7.1-2)."""
 
-_HEADER: Final = struct.Struct("<HH")
 _SHORT: Final = struct.Struct("<HH2sH")
-_LONG: Final = struct.Struct("<HH2s2xI")
-_IMPLICIT: Final = struct.Struct("<HHI")
+"""Group, element, VR and 2-byte length of an Explicit VR header (read for every header)."""
+_LENGTH: Final = struct.Struct("<I")
+"""The 4-byte length of an Implicit VR header (at +4) or of a long Explicit VR one (at +8)."""
 
 
 class ScanError(Exception):
@@ -102,18 +102,17 @@ class _Walker:
         if pos + 8 > self.size:
             raise ScanError(f"dataset ends inside an element header at byte {pos} "
                             f"(of {self.size}): truncated")
-        group, element = _HEADER.unpack_from(self.data, pos)
+        # one unpack for the usual header: this runs for every element of every instance
+        group, element, vr, short = _SHORT.unpack_from(self.data, pos)
         tag = group << 16 | element
         if group == 0xFFFE or not explicit_vr:  # items and delimiters never carry a VR
-            length = _IMPLICIT.unpack_from(self.data, pos)[2]
-            return tag, None, length, pos + 8
-        vr = bytes(self.data[pos + 4:pos + 6])
+            return tag, None, _LENGTH.unpack_from(self.data, pos + 4)[0], pos + 8
         if vr in SHORT_LENGTH_VRS:
-            return tag, vr, _SHORT.unpack_from(self.data, pos)[3], pos + 8
+            return tag, vr, short, pos + 8
         if vr in LONG_LENGTH_VRS:
             if pos + 12 > self.size:
                 raise self._fail(tag, pos, "truncated header")
-            return tag, vr, _LONG.unpack_from(self.data, pos)[3], pos + 12
+            return tag, vr, _LENGTH.unpack_from(self.data, pos + 8)[0], pos + 12
         raise self._fail(tag, pos, f"unknown value representation {vr!r}")
 
     def skip_value(self, tag: int, start: int, value_at: int, length: int) -> int:
