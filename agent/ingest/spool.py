@@ -29,7 +29,10 @@ the spool file itself is the durable record of an accepted instance, and it cost
      deflated, big endian, odd length, or already padded): ``fsync`` commits data, size and
      seal in one journal commit.
 3. Then the index row is committed (WAL, ``synchronous=NORMAL``: no fsync of its own), in the
-   same transaction as the series' running totals. Success may be answered once this returns.
+   same transaction as the series' running totals. :meth:`Spool.store` does both; the listener
+   answers Success between them (:meth:`Spool.write`, then :meth:`Spool.index`), since the
+   sealed file is already the record; an index row that fails after the answer keeps the file
+   and is retried (:meth:`Spool.index_unindexed`).
    The index keeps the instance's own size: :meth:`Spool.read` returns exactly the bytes
    received, never the padding.
 
