@@ -1,17 +1,18 @@
 """The C-STORE command set read from its bytes: the same fields pynetdicom decodes from the same
-bytes, and ``None`` (pynetdicom's way) for everything that is not a plain C-STORE-RQ."""
+bytes, and ``None`` (pynetdicom's way) for everything that is not a plain C-STORE-RQ. The
+Success response's bytes are checked against pynetdicom's in ``test_pynetdicom_replacements``."""
 
 from __future__ import annotations
 
 import struct
 
 import pytest
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from agent.ingest.store_command import StoreRequest, encode_store_success, parse_store_request
+from agent.ingest.store_command import StoreRequest, parse_store_request
 
 INSTANCE = "1.2.840.113619.2.55.3.604688119.969.1268071029.320"
 
@@ -105,17 +106,3 @@ def test_a_c_echo_request_is_left_to_pynetdicom() -> None:
     echo.MessageID = 1
     echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
     assert parse_store_request(_encoded(echo)) is None
-
-
-@pytest.mark.parametrize(("message_id", "instance"), [(1, "1.2.3"), (65535, INSTANCE)])
-def test_the_success_response_is_encoded_as_pynetdicom_encodes_it(message_id: int,
-                                                                  instance: str) -> None:
-    rsp = C_STORE()
-    rsp.MessageIDBeingRespondedTo = message_id
-    rsp.AffectedSOPClassUID = CTImageStorage
-    rsp.AffectedSOPInstanceUID = instance
-    rsp.Status = 0x0000
-    message = C_STORE_RSP()
-    message.primitive_to_message(rsp)
-    assert encode_store_success(message_id, CTImageStorage, instance) == encode(
-        message.command_set, True, True)
