@@ -563,13 +563,18 @@ class BoundedDUL(DULServiceProvider):
                 after()
 
     def _answer_store(self, store: _StoreInProgress, status: Dataset | int) -> None:
+        """Send the response: a Success as bytes when nothing else waits to be sent and it
+        fits the peer's maximum PDU length, otherwise through pynetdicom."""
         request = store.request
         if (isinstance(status, int) and status == StoreStatus.SUCCESS
                 and not self.to_provider_queue.queue):
             command = encode_store_success(request.message_id, request.sop_class_uid,
                                            request.sop_instance_uid)
-            cast(AssociationSocket, self.socket).send(_command_pdu(store.context_id, command))
-            return
+            max_pdu = self.assoc.dimse.maximum_pdu_size
+            if not max_pdu or len(command) + PDV_HEADER_BYTES <= max_pdu:
+                cast(AssociationSocket, self.socket).send(_command_pdu(store.context_id,
+                                                                       command))
+                return
         rsp = C_STORE()
         rsp.MessageIDBeingRespondedTo = request.message_id
         rsp.AffectedSOPClassUID = request.sop_class_uid

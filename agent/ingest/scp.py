@@ -8,12 +8,15 @@ Protocol roles, cut as pynetdicom cuts them:
   (pynetdicom answers an unknown AE with A-ASSOCIATE-RJ rejected-permanent / service-user /
   calling-AE-title-not-recognized, and we log it), the connection bounds
   (``agent.ingest.guard``) and optional TLS;
-* the storage handler (:meth:`StorageSCP._handle_store`): checks the dataset
-  (``agent.ingest.instance.check_dataset``), writes the Part-10 file (file meta + the dataset
-  bytes exactly as they came off the wire) through ``agent.ingest.spool.Spool`` (fsync of file
-  and directory, then the index) and only then answers Success. Bad input is answered with a
-  named failure status (``agent.ingest.status``) and an Error Comment, kept in the
-  quarantine, and the association goes on. No exception leaves the handler.
+* the storage handler (:meth:`StorageSCP._serve_store` for the plain requests the DUL reads
+  from their bytes, :meth:`StorageSCP._handle_store` for those pynetdicom decodes): checks the
+  dataset (``agent.ingest.instance.check_dataset``), writes the Part-10 file (file meta + the
+  dataset bytes exactly as they came off the wire) through ``agent.ingest.spool.Spool`` and
+  answers Success once it is durable: the sealed file flushed (its index row right after the
+  answer, before the next request is read), or in compatibility mode file, directory and index
+  flushed. Bad input is answered with a named failure status (``agent.ingest.status``) and an
+  Error Comment, kept in the quarantine, and the association goes on. No exception leaves the
+  handler.
 
 This module is the SCP's policy, written against pynetdicom's public API; the parts of
 pynetdicom the agent replaces, and why, are in ``agent.ingest.pynetdicom_replacements``.
@@ -355,8 +358,8 @@ class StorageSCP:
                                     source_ae=stats.calling_ae)
             data = msg.data_set.getvalue() if msg.data_set is not None else b""
             answer, _ = self._store(id(assoc), stats, [PREAMBLE + meta, data],
-                                 sop_class=sop_class, sop_instance=sop_instance,
-                                 ts=str(cx.transfer_syntax[0]), received_at=received_at)
+                                    sop_class=sop_class, sop_instance=sop_instance,
+                                    ts=str(cx.transfer_syntax[0]), received_at=received_at)
             rsp: Any = C_STORE()
             rsp.MessageIDBeingRespondedTo = int(cmd.MessageID)
             if sop_class:
