@@ -167,6 +167,9 @@ class SeriesState:
     event: SeriesEvent | None = None
     event_seen_at: float = 0.0
     generation: int = 0
+    published_here: bool = False
+    """Whether this worker published a result of the series from this state: then it holds the
+    instances that result was triaged from, and a late instance makes a whole new revision."""
 
     def hold(self, msg: Message) -> None:
         self.offsets.setdefault((msg.topic, msg.partition), set()).add(msg.offset)
@@ -535,15 +538,27 @@ class TriageWorker:
         ev = st.event
         try:
             standing = (self.ledger.published_revision(result_id(ev.series_uid))
-                        if st.seen == 0 else None)
-            if standing is not None:
+                        if st.seen == 0 or (st.seen < ev.instance_count
+                                            and not st.published_here) else None)
+            if standing is not None and st.seen == 0:
                 # its instances were committed with the result of an earlier run; "nothing
                 # could be read" must not replace that result
                 log.warning("series %s: completion event (generation %d) read again without "
                             "any of its instances: the published revision %d stands, nothing "
                             "is redone", ev.series_uid, ev.generation, standing)
+            elif standing is not None:
+                # late instances of a series triaged before this worker started (or before it
+                # let the series go): alone they are not the series, and a revision made of
+                # them would replace the whole series' result
+                raise InputError(
+                    f"completion event (generation {ev.generation}) counts "
+                    f"{ev.instance_count} instances; this worker read {st.seen}, the others "
+                    f"were triaged in revision {standing} before it started or let the series "
+                    "go: that revision stands; retry this dead letter (hust19 dlq retry) to "
+                    "triage the whole series again from the spool")
             else:
                 self._publish(self._triage(st, ev))
+                st.published_here = True
         except (BusError, StorageError):
             raise  # not finished: offsets stay in flight, the loop retries
         except Hust19Error as exc:

@@ -348,6 +348,18 @@ def test_labs_that_arrive_later_are_a_new_revision_with_a_new_sr_naming_the_firs
     assert "HUST-19 clinical-feature model" in _dsrdump_ok(srs[second.sr_sop_instance_uid])
 
 
+def _series_event_committed(data: Path) -> Path:
+    """The embedded bus's offset file of ``dicom.series``, once the worker committed the first
+    completion event there (the series finished)."""
+    groups, deadline = data / "bus" / "groups", time.monotonic() + SR_WAIT_S
+    while not [p for p in groups.glob("*/dicom.series.offset.json")
+               if b'"next_offset": 1' in p.read_bytes()]:
+        assert time.monotonic() < deadline, "the worker never committed the series event"
+        time.sleep(0.1)
+    (series_offset,) = groups.glob("*/dicom.series.offset.json")
+    return series_offset
+
+
 def test_a_completion_event_read_again_without_its_instances_leaves_the_result_standing(
         running_agent: Callable[..., Agent], storescp: Callable[..., tuple[int, Path]],
         tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch,
@@ -368,12 +380,7 @@ def test_a_completion_event_read_again_without_its_instances_leaves_the_result_s
     assert run_storescu(_sample_files(), agent.port, "HUST19").returncode == 0
     (first,) = _results(agent, 1)
     assert first.status == "triaged"
-    groups, deadline = data / "bus" / "groups", time.monotonic() + SR_WAIT_S
-    while not [p for p in groups.glob("*/dicom.series.offset.json")
-               if b'"next_offset": 1' in p.read_bytes()]:
-        assert time.monotonic() < deadline, "the worker never committed the series event"
-        time.sleep(0.1)
-    (series_offset,) = groups.glob("*/dicom.series.offset.json")
+    series_offset = _series_event_committed(data)
     agent.stop(timeout_s=10.0)
     series_offset.unlink()  # the series topic's commit lost, the instances' kept
     caplog.set_level("WARNING", logger="agent.triage.worker")
@@ -385,3 +392,49 @@ def test_a_completion_event_read_again_without_its_instances_leaves_the_result_s
     results = [TriageResult.model_validate_json(m.value)
                for m in read_topic(again.bus, topics.TRIAGE_RESULTS, 1)]
     assert [(r.revision, r.status) for r in results] == [(1, "triaged")]
+
+
+def test_a_late_instance_after_a_restart_does_not_replace_the_series_result(
+        running_agent: Callable[..., Agent], storescp: Callable[..., tuple[int, Path]],
+        tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One more slice of a triaged series arrives after the worker restarted: the new worker
+    holds only that slice, not the 30 the published result was made from. No revision is made
+    of it (it would replace the whole series' result); a dead letter says so, and retrying it
+    triages the whole series again from the spool: revision 2, all 31 slices."""
+    from agent.ops.dlq import read_entries, retry
+    from agent.triage import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "EVENT_GRACE_S", 0.5)
+    pacs_port, _ = storescp(aet="PACS")
+    data = tmp_path / "data"
+    settings = {"roles": ALL_ROLES, "data_dir": data, "pacs": [f"127.0.0.1:{pacs_port}:PACS"],
+                "lis": linked_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data),
+                "series_quiet_s": 1.0}
+    agent = running_agent(**settings)
+    files = _sample_files()
+    assert run_storescu(files, agent.port, "HUST19").returncode == 0
+    (first,) = _results(agent, 1)
+    assert first.status == "triaged" and first.instance_count == len(files)
+    _series_event_committed(data)
+    agent.stop(timeout_s=10.0)
+
+    late = pydicom.dcmread(files[-1])
+    late.SOPInstanceUID = pydicom.uid.generate_uid()
+    late.InstanceNumber = int(late.InstanceNumber) + 1
+    late.ImagePositionPatient[2] = float(late.ImagePositionPatient[2]) + float(
+        late.SliceThickness)
+    late.save_as(tmp_path / "late.dcm")
+    again = running_agent(**settings)
+    assert run_storescu([tmp_path / "late.dcm"], again.port, "HUST19").returncode == 0
+    (letter,) = [DeadLetter.model_validate_json(m.value)
+                 for m in read_topic(again.bus, topics.TRIAGE_DLQ, 1, SR_WAIT_S)]
+    assert letter.series_uid == first.series_uid
+    assert f"counts {len(files) + 1} instances; this worker read 1" in letter.reason
+    assert "revision 1 before it started" in letter.reason
+    assert [(r.revision, r.instance_count) for r in _results(again, 1)] == [(1, len(files))]
+
+    (entry,) = read_entries(again.bus)
+    assert "queued to be published again" in retry(entry, data)
+    revised = _results(again, 2)[-1]
+    assert (revised.revision, revised.instance_count) == (2, len(files) + 1)
+    assert revised.supersedes_sr_sop_instance_uid == first.sr_sop_instance_uid
