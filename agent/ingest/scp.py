@@ -294,9 +294,7 @@ class StorageSCP:
             ts = str(event.context.transfer_syntax)
             dataset = cast(BytesIO, req.DataSet).getvalue()
         except Exception as exc:
-            logger.exception("C-STORE: cannot read the request")
-            return _failure(StoreStatus.PROCESSING_FAILURE,
-                            f"internal error: {type(exc).__name__}: {exc}")
+            return _unreadable_request(exc)
         status, _ = self._receive(event.assoc, dataset, sop_class=sop_class,
                                   sop_instance=sop_instance, ts=ts, received_at=received_at)
         return status
@@ -321,9 +319,7 @@ class StorageSCP:
                                     transfer_syntax_uid=ts, source_ae=stats.calling_ae)
             parts = [PREAMBLE + meta, dataset]
         except Exception as exc:
-            logger.exception("C-STORE: cannot read the request")
-            return _failure(StoreStatus.PROCESSING_FAILURE,
-                            f"internal error: {type(exc).__name__}: {exc}"), None
+            return _unreadable_request(exc), None
         return self._store(id(assoc), stats, parts, sop_class=sop_class,
                            sop_instance=sop_instance, ts=ts, received_at=received_at,
                            index_after_answer=index_after_answer)
@@ -350,16 +346,12 @@ class StorageSCP:
                 return
             received_at = time.time()
             assoc = event.assoc
-            stats = self._stats(assoc)
             context_id = int(msg.context_id)
             cx = next(c for c in assoc.accepted_contexts if c.context_id == context_id)
-            meta = encode_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance,
-                                    transfer_syntax_uid=str(cx.transfer_syntax[0]),
-                                    source_ae=stats.calling_ae)
             data = msg.data_set.getvalue() if msg.data_set is not None else b""
-            answer, _ = self._store(id(assoc), stats, [PREAMBLE + meta, data],
-                                    sop_class=sop_class, sop_instance=sop_instance,
-                                    ts=str(cx.transfer_syntax[0]), received_at=received_at)
+            answer, _ = self._receive(assoc, data, sop_class=sop_class,
+                                      sop_instance=sop_instance, ts=str(cx.transfer_syntax[0]),
+                                      received_at=received_at)
             rsp: Any = C_STORE()
             rsp.MessageIDBeingRespondedTo = int(cmd.MessageID)
             if sop_class:
@@ -491,6 +483,13 @@ def _has_value(command_set: Dataset, tag: int) -> bool:
     if isinstance(value, bytes | bytearray):
         return bool(value.strip(b"\x00 "))
     return bool(str(value or "").strip())
+
+
+def _unreadable_request(exc: Exception) -> Dataset:
+    """Log (with traceback) and answer a request the handler could not read: an internal
+    error, never the sender's."""
+    logger.exception("C-STORE: cannot read the request")
+    return _failure(StoreStatus.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}: {exc}")
 
 
 def _failure(status: StoreStatus, reason: str) -> Dataset:
