@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -360,14 +361,13 @@ def _series_event_committed(data: Path) -> Path:
     return series_offset
 
 
-def test_a_completion_event_read_again_without_its_instances_leaves_the_result_standing(
-        running_agent: Callable[..., Agent], storescp: Callable[..., tuple[int, Path]],
-        tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
-    """The group's commit is on ``dicom.instances`` but not on ``dicom.series`` (a crash between
-    the two, or a bus that commits topics one by one): the restarted worker reads the series'
-    completion event again without any of its instances. The published result stands; no
-    "skipped: no instance of the series could be read" revision replaces it (seen on CI)."""
+def _triaged_then_stopped(running_agent: Callable[..., Agent],
+                          storescp: Callable[..., tuple[int, Path]], tmp_path: Path,
+                          shared_data: Path, monkeypatch: pytest.MonkeyPatch
+                          ) -> tuple[dict[str, Any], TriageResult, Path]:
+    """The sample series sent to a whole agent (a PACS, a linked LIS, a 0.5 s completion
+    grace), triaged once, the series event committed, the agent stopped: the settings to start
+    it again, the first result and the committed series offset file."""
     from agent.triage import worker as worker_module
 
     monkeypatch.setattr(worker_module, "EVENT_GRACE_S", 0.5)
@@ -377,11 +377,25 @@ def test_a_completion_event_read_again_without_its_instances_leaves_the_result_s
                 "lis": linked_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data),
                 "series_quiet_s": 1.0}
     agent = running_agent(**settings)
-    assert run_storescu(_sample_files(), agent.port, "HUST19").returncode == 0
+    files = _sample_files()
+    assert run_storescu(files, agent.port, "HUST19").returncode == 0
     (first,) = _results(agent, 1)
-    assert first.status == "triaged"
+    assert first.status == "triaged" and first.instance_count == len(files)
     series_offset = _series_event_committed(data)
     agent.stop(timeout_s=10.0)
+    return settings, first, series_offset
+
+
+def test_a_completion_event_read_again_without_its_instances_leaves_the_result_standing(
+        running_agent: Callable[..., Agent], storescp: Callable[..., tuple[int, Path]],
+        tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The group's commit is on ``dicom.instances`` but not on ``dicom.series`` (a crash between
+    the two, or a bus that commits topics one by one): the restarted worker reads the series'
+    completion event again without any of its instances. The published result stands; no
+    "skipped: no instance of the series could be read" revision replaces it (seen on CI)."""
+    settings, _first, series_offset = _triaged_then_stopped(
+        running_agent, storescp, tmp_path, shared_data, monkeypatch)
     series_offset.unlink()  # the series topic's commit lost, the instances' kept
     caplog.set_level("WARNING", logger="agent.triage.worker")
     again = running_agent(**settings)
@@ -402,21 +416,10 @@ def test_a_late_instance_after_a_restart_does_not_replace_the_series_result(
     of it (it would replace the whole series' result); a dead letter says so, and retrying it
     triages the whole series again from the spool: revision 2, all 31 slices."""
     from agent.ops.dlq import read_entries, retry
-    from agent.triage import worker as worker_module
 
-    monkeypatch.setattr(worker_module, "EVENT_GRACE_S", 0.5)
-    pacs_port, _ = storescp(aet="PACS")
-    data = tmp_path / "data"
-    settings = {"roles": ALL_ROLES, "data_dir": data, "pacs": [f"127.0.0.1:{pacs_port}:PACS"],
-                "lis": linked_lis(f"sqlite:///{tmp_path / 'lis.sqlite'}", shared_data),
-                "series_quiet_s": 1.0}
-    agent = running_agent(**settings)
+    settings, first, _ = _triaged_then_stopped(running_agent, storescp, tmp_path, shared_data,
+                                               monkeypatch)
     files = _sample_files()
-    assert run_storescu(files, agent.port, "HUST19").returncode == 0
-    (first,) = _results(agent, 1)
-    assert first.status == "triaged" and first.instance_count == len(files)
-    _series_event_committed(data)
-    agent.stop(timeout_s=10.0)
 
     late = pydicom.dcmread(files[-1])
     late.SOPInstanceUID = pydicom.uid.generate_uid()
@@ -434,7 +437,7 @@ def test_a_late_instance_after_a_restart_does_not_replace_the_series_result(
     assert [(r.revision, r.instance_count) for r in _results(again, 1)] == [(1, len(files))]
 
     (entry,) = read_entries(again.bus)
-    assert "queued to be published again" in retry(entry, data)
+    assert "queued to be published again" in retry(entry, settings["data_dir"])
     revised = _results(again, 2)[-1]
     assert (revised.revision, revised.instance_count) == (2, len(files) + 1)
     assert revised.supersedes_sr_sop_instance_uid == first.sr_sop_instance_uid
